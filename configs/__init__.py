@@ -1,0 +1,1 @@
+"""ml_collections job configs, one file per model/job; run with --config configs/NAME.py."""

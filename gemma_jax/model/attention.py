@@ -1,0 +1,91 @@
+"""Multi-head / multi-query / grouped-query attention with Gemma's options.
+
+One code path covers every layer kind: the sliding window, RoPE base and position scale are
+values (they vary across scanned layers), soft-capping and QK-norm are config switches.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from gemma_jax.config import ModelConfig
+from gemma_jax.model.layers import RMSNorm, apply_rope, make_param, softcap, stacked
+
+# Finite "minus infinity": a fully masked row (padding) stays finite instead of NaN.
+MASK_VALUE = -2.3819763e38
+NO_WINDOW = 2**30
+
+
+class Einsum(nnx.Module):
+  """A weight `w` applied with a fixed einsum equation (names follow the official checkpoints)."""
+
+  def __init__(self, equation: str, shape, axes, stddev: float, *, param_dtype, rngs,
+               num_layers=None):
+    self.equation = equation
+    shape, axes = stacked(num_layers, shape, axes)
+    self.w = make_param(rngs, shape, axes, param_dtype, stddev)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum(self.equation, x, self.w[...].astype(x.dtype))
+
+
+def attention_mask(q_positions, q_segments, k_positions, k_segments, window) -> jax.Array:
+  """[B, Tq, Tk] visibility: same non-padding segment, causal, within the sliding window.
+
+  Causality and the window are read from positions, which increase along each segment
+  (padding = segment 0 sees nothing and is seen by nothing). window may be traced;
+  NO_WINDOW disables it.
+  """
+  qp, kp = q_positions[:, :, None], k_positions[:, None, :]
+  same_segment = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+  return same_segment & (kp <= qp) & (qp - kp < window)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, num_layers=None):
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, num_layers=num_layers)
+    self.q_einsum = Einsum("btd,ndh->btnh", (n, d, h), ("heads", "embed", "head_dim"),
+                           d ** -0.5, **kw)
+    self.kv_einsum = Einsum("btd,ckdh->cbtkh", (2, k, d, h),
+                            (None, "kv_heads", "embed", "head_dim"), d ** -0.5, **kw)
+    self.attn_vec_einsum = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"),
+                                  (n * h) ** -0.5, **kw)
+    if cfg.use_qk_norm:
+      norm_kw = dict(eps=cfg.norm_eps, param_dtype=kw["param_dtype"], num_layers=num_layers)
+      self.query_norm = RMSNorm(h, "head_dim", **norm_kw)
+      self.key_norm = RMSNorm(h, "head_dim", **norm_kw)
+    self.use_qk_norm = cfg.use_qk_norm
+    self.query_scale = cfg.query_pre_attn_scalar ** -0.5
+    self.logits_softcap = cfg.attn_logits_softcap
+
+  def __call__(self, x, positions, segment_ids, *, window, rope_base, rope_scale):
+    q = checkpoint_name(self.q_einsum(x), "query_proj")
+    k, v = self.kv_einsum(x)
+    k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
+    if self.use_qk_norm:
+      q, k = self.query_norm(q), self.key_norm(k)
+    q = apply_rope(q, positions, rope_base, rope_scale) * jnp.asarray(self.query_scale, x.dtype)
+    k = apply_rope(k, positions, rope_base, rope_scale)
+    mask = attention_mask(positions, segment_ids, positions, segment_ids, window)
+    return self.attn_vec_einsum(dot_product_attention(q, k, v, mask, self.logits_softcap))
+
+
+def dot_product_attention(q, k, v, mask, logits_softcap):
+  """q [B,T,N,H] (already scaled), k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H].
+
+  Query head n reads kv head n // (N // K). Logits, soft-cap and softmax in float32.
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = softcap(logits, logits_softcap)
+  logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(b, t, n, h)

@@ -1,0 +1,85 @@
+"""The small pieces of a Gemma block: parameters with logical axes, RMSNorm, RoPE, GeGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, dtype,
+               stddev: float | None) -> nnx.Param:
+  """A parameter carrying its logical axis names (`axes` metadata, read by sharding.py).
+
+  stddev=None means zeros (norm scales, which act as 1 + scale).
+  """
+  if len(shape) != len(axes):
+    raise ValueError(f"parameter of shape {shape} given {len(axes)} axis names {axes}")
+  if stddev is None:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = stddev * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype)
+  return nnx.Param(value, axes=axes)
+
+
+def stacked(num_layers: int | None, shape: tuple[int, ...], axes: Axes):
+  """Prepend the scanned `layers` dimension when the module holds every layer at once."""
+  if num_layers is None:
+    return shape, axes
+  return (num_layers, *shape), ("layers", *axes)
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
+
+  def __init__(self, dim: int, axis_name: str, *, eps: float, param_dtype, num_layers=None):
+    self.eps = eps
+    shape, axes = stacked(num_layers, (dim,), (axis_name,))
+    self.scale = make_param(None, shape, axes, param_dtype, stddev=None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: jax.Array | float,
+               scale: jax.Array | float = 1.0) -> jax.Array:
+  """Rotary embedding on the last dim of x [B, T, N, H], split into halves (not interleaved).
+
+  positions [B, T]; base and scale may be traced scalars (they vary across scanned layers).
+  Linear position scaling divides positions by `scale`. Computed in float32.
+  """
+  half = x.shape[-1] // 2
+  fraction = 2.0 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1]
+  inv_freq = 1.0 / jnp.power(jnp.asarray(base, jnp.float32), fraction)
+  angle = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq  # [B, T, half]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class FeedForward(nnx.Module):
+  """GeGLU: linear(gelu_tanh(x W_gate) * (x W_up)); gating_einsum stacks [gate, up]."""
+
+  def __init__(self, embed_dim: int, hidden_dim: int, *, param_dtype, rngs, num_layers=None):
+    shape, axes = stacked(num_layers, (2, embed_dim, hidden_dim), (None, "embed", "mlp"))
+    self.gating_einsum = make_param(rngs, shape, axes, param_dtype, embed_dim ** -0.5)
+    shape, axes = stacked(num_layers, (hidden_dim, embed_dim), ("mlp", "embed"))
+    self.linear = make_param(rngs, shape, axes, param_dtype, hidden_dim ** -0.5)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate_up = jnp.einsum("btd,cdf->cbtf", x, self.gating_einsum[...].astype(x.dtype))
+    hidden = jax.nn.gelu(gate_up[0], approximate=True) * gate_up[1]
+    return jnp.einsum("btf,fd->btd", hidden, self.linear[...].astype(x.dtype))

@@ -1,0 +1,116 @@
+"""The Gemma decoder: embedder -> scanned blocks -> final norm -> tied logits.
+
+Gemma 1, 2 and 3 text differ only through ModelConfig fields. Every layer's parameters are
+stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time does not grow
+with depth; per-layer differences (sliding window, RoPE base and scale) ride along as scanned
+values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma_jax.config import ModelConfig
+from gemma_jax.model.attention import NO_WINDOW, Attention
+from gemma_jax.model.layers import FeedForward, RMSNorm, make_param, softcap
+
+_SAVE_QKV = ("query_proj", "key_proj", "value_proj")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_SAVE_QKV),
+}
+
+
+class Embedder(nnx.Module):
+  """Token table used twice: scaled lookup on the way in, tied logits on the way out."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_embedding = make_param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"),
+                                      jnp.dtype(cfg.param_dtype), cfg.embed_dim ** -0.5)
+    self.scale = cfg.embed_scale
+
+  def encode(self, tokens: jax.Array, dtype) -> jax.Array:
+    x = jnp.take(self.input_embedding[...], tokens, axis=0).astype(dtype)
+    return x * jnp.asarray(self.scale, dtype)  # sqrt(d) rounded to the compute dtype, as upstream
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    table = self.input_embedding[...].astype(x.dtype)
+    return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+
+
+class Block(nnx.Module):
+  """Pre-norm attention and GeGLU MLP, each optionally post-normed (Gemma 2 and 3)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, num_layers=None):
+    norm = lambda: RMSNorm(cfg.embed_dim, "embed", eps=cfg.norm_eps,
+                           param_dtype=jnp.dtype(cfg.param_dtype), num_layers=num_layers)
+    self.pre_attention_norm = norm()
+    self.attn = Attention(cfg, rngs=rngs, num_layers=num_layers)
+    self.post_attention_norm = norm() if cfg.use_post_attn_norm else None
+    self.pre_ffw_norm = norm()
+    self.mlp = FeedForward(cfg.embed_dim, cfg.hidden_dim, param_dtype=jnp.dtype(cfg.param_dtype),
+                           rngs=rngs, num_layers=num_layers)
+    self.post_ffw_norm = norm() if cfg.use_post_ffw_norm else None
+
+  def __call__(self, x, positions, segment_ids, **layer_values):
+    h = self.attn(self.pre_attention_norm(x), positions, segment_ids, **layer_values)
+    x = x + (h if self.post_attention_norm is None else self.post_attention_norm(h))
+    h = self.mlp(self.pre_ffw_norm(x))
+    return x + (h if self.post_ffw_norm is None else self.post_ffw_norm(h))
+
+
+def layer_values(cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Per-layer sliding window, RoPE base and RoPE position scale, scanned with the weights."""
+  local = np.array([kind == "local" for kind in cfg.layer_kinds()])
+  return dict(
+      window=np.where(local, cfg.sliding_window or NO_WINDOW, NO_WINDOW).astype(np.int32),
+      rope_base=np.where(local, cfg.rope_base_local, cfg.rope_base_global).astype(np.float32),
+      rope_scale=np.where(local, 1.0, cfg.rope_scale_global).astype(np.float32),
+  )
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] (+ positions, segment_ids) -> logits [B, T, V] in float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embedder = Embedder(cfg, rngs=rngs)
+    self.layers = Block(cfg, rngs=rngs, num_layers=cfg.num_layers)
+    self.final_norm = RMSNorm(cfg.embed_dim, "embed", eps=cfg.norm_eps,
+                              param_dtype=jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    return self.logits(self.features(tokens, positions, segment_ids))
+
+  def features(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    """Final-normed hidden states [B, T, D] in the compute dtype.
+
+    positions default to 0..T-1 and segment_ids to all ones (one unpadded document per
+    row). Packed rows restart positions per segment; padding has segment id 0.
+    """
+    cfg = self.config
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    x = self.embedder.encode(tokens, jnp.dtype(cfg.dtype))
+    graphdef, weights = nnx.split(self.layers)
+
+    def one_layer(x, per_layer):
+      layer_weights, values = per_layer
+      return nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, **values), None
+
+    policy = cfg.remat_policy
+    if policy != "none":
+      one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    x, _ = jax.lax.scan(one_layer, x, (weights, layer_values(cfg)))
+    return self.final_norm(x)
+
+  def logits(self, features: jax.Array) -> jax.Array:
+    return softcap(self.embedder.decode(features), self.config.final_logits_softcap)

@@ -1,0 +1,1 @@
+"""Job launchers: TPU VM pods, local multi-process CPU emulation, ahead-of-time compilation."""

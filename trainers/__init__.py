@@ -1,0 +1,1 @@
+"""Training entry points (pretrain, sft, reward, rlhf) over the one loop in trainers/loop.py."""
