@@ -1,6 +1,9 @@
 # Each target sets up .venv on first use (or when pyproject.toml changes), then runs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# CPU by default: the test extra installs libtpu (for AOT compiles), which would otherwise
+# make JAX probe for a TPU on every start. On a TPU VM run the python commands directly.
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test test-all info clean
 
