@@ -135,7 +135,7 @@ class Tokenizer:
       self._turn_id(piece)  # Fail before formatting if the model cannot encode turns.
     text = "".join(
       f"{START_OF_TURN}{role}\n{content}{END_OF_TURN}\n"
-      for role, content in _chat_turns(messages)
+      for role, content in chat_turns(messages)
     )
     if add_generation_prompt:
       text += f"{START_OF_TURN}model\n"
@@ -203,7 +203,7 @@ def _defined(name: str, i: int) -> int:
   return i
 
 
-def _chat_turns(messages: Sequence[Message]) -> list[tuple[str, str]]:
+def chat_turns(messages: Sequence[Message]) -> list[tuple[str, str]]:
   """Validated (role, text) turns, with a system message merged into the first user turn."""
   if not messages:
     raise ValueError("messages must not be empty")

@@ -1,0 +1,294 @@
+"""The grain pipeline: records -> shuffle, repeat, mix -> this process's share -> tokenize and
+format (in grain workers if configured) -> bad-record check -> pack -> batch -> global arrays.
+
+Everything up to the format step is a `MapDataset`, so the order of the records is fixed by
+the seed and indices alone: worker processes change the speed, never the batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from grain.experimental import (ConcatThenSplitIterDataset, DatasetOptions,
+                                FirstFitPackIterDataset, WithOptionsIterDataset)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gemma_jax.data.config import Settings, parse_config
+from gemma_jax.data.formats import Formatter, Segment
+from gemma_jax.data.sources import Bad, Record, open_source, parse
+from gemma_jax.tokenizer import Tokenizer
+
+BATCH_AXES = ("data", "fsdp")
+_LOGGED_SKIPS = 10  # Skipped records logged one by one per iterator; the rest only counted.
+_PAIR = ("chosen_", "rejected_")
+# Records are formatted in groups, so a worker process sends one message per group, not per
+# record. Groups are cut before the per-worker slicing, so the record order stays the same.
+_GROUP = 64
+# Local files read fast; reader threads would only contend for the GIL (grain's advice).
+_READ_OPTIONS = grain.ReadOptions(num_threads=0)
+# Workers pickle smaller arrays: a shared-memory block per token array costs more than a copy.
+_MIN_SHM_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+class BadRecordError(ValueError):
+  """A record that cannot be used, with data.skip_bad_records off."""
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's batches as dicts of numpy arrays, batch_size // process_count rows each."""
+  return _local_dataset(parse_config(config), tokenizer, process_index, process_count)[0]
+
+
+def make_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: Mesh, *,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> DataIterator:
+  """Global batches as jax.Arrays whose batch dimension is sharded over (data, fsdp)."""
+  settings = parse_config(config)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  sharding = _batch_sharding(mesh, settings, process_count)
+  dataset, skips = _local_dataset(settings, tokenizer, process_index, process_count)
+  return DataIterator(iter(dataset), sharding, settings.batch_size, skips)
+
+
+class DataIterator(grain.DatasetIterator):
+  """Global batches; get_state()/set_state() hold this process's exact position (JSON-able).
+
+  Being a grain `DatasetIterator`, it also works with `grain.checkpoint.CheckpointHandler`
+  and orbax's checkpointables. `skipped_records` counts records skipped as bad so far.
+  """
+
+  def __init__(self, local: grain.DatasetIterator, sharding: NamedSharding, batch_size: int,
+               skips: _SkipCount):
+    super().__init__(local)
+    self._sharding = sharding
+    self._batch_size = batch_size
+    self._skips = skips
+
+  def __next__(self) -> dict[str, Any]:
+    return {key: self._global(value) for key, value in next(self._parent).items()}
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+  @property
+  def skipped_records(self) -> int:
+    return self._skips.count
+
+  def _global(self, value: Any) -> Any:
+    if not isinstance(value, np.ndarray):
+      return value  # RL reference fields stay host-local Python objects.
+    shape = (self._batch_size, *value.shape[1:])
+    return jax.make_array_from_process_local_data(self._sharding, value, shape)
+
+
+def _batch_sharding(mesh: Mesh, settings: Settings, process_count: int) -> NamedSharding:
+  """The batch sharding, refusing batch sizes the mesh or the processes cannot split."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  if not axes:
+    raise ValueError(f"the mesh has no batch axis {BATCH_AXES}; its axes are {mesh.axis_names}")
+  parallel = math.prod(mesh.shape[a] for a in axes)
+  if settings.batch_size % parallel:
+    sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+    raise ValueError(f"config.data.batch_size={settings.batch_size} is not divisible by the "
+                     f"data-parallel size {parallel} ({sizes})")
+  sharding = NamedSharding(mesh, PartitionSpec(axes))
+  rows = {idx[0].indices(settings.batch_size)
+          for idx in sharding.addressable_devices_indices_map((settings.batch_size,)).values()}
+  local_rows = sum(len(range(*r)) for r in rows)
+  if local_rows * process_count != settings.batch_size:
+    raise ValueError(f"this process holds {local_rows} of {settings.batch_size} batch rows on "
+                     f"the mesh, but {process_count} processes read batch_size / "
+                     f"{process_count} rows each; lay out the mesh so that every process holds "
+                     "an equal, distinct part of the batch")
+  return sharding
+
+
+def _local_dataset(settings: Settings, tokenizer: Tokenizer, process_index: int,
+                   process_count: int) -> tuple[grain.IterDataset, _SkipCount]:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  if settings.batch_size % process_count:
+    raise ValueError(f"config.data.batch_size={settings.batch_size} is not divisible by the "
+                     f"process count {process_count}")
+  records, epoch = _records(settings, process_index, process_count)
+  groups = records.batch(_GROUP, batch_fn=list)
+  ds = groups.map(functools.partial(_format_group, Formatter(tokenizer, settings)))
+  ds = ds.to_iter_dataset(_READ_OPTIONS)
+  if settings.worker_count:
+    # grain's worker start-up reads absl flags, which programs not run by absl.app never parse.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = WithOptionsIterDataset(ds, DatasetOptions(min_shm_size=_MIN_SHM_BYTES))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.worker_count))
+  skips = _SkipCount()
+  ds = _CheckedIterDataset(ds, settings.skip_bad_records, epoch, skips)
+  rows = settings.batch_size // process_count
+  if settings.format == "rl":
+    return ds.batch(rows, drop_remainder=True, batch_fn=_stack_prompts), skips
+  prefixes = _PAIR if settings.format == "preference" else ("",)
+  ds = _pack(ds, settings, rows, prefixes).batch(rows, drop_remainder=True)
+  return ds.map(functools.partial(_finalize, prefixes=prefixes)), skips
+
+
+def _records(settings: Settings, process_index: int,
+             process_count: int) -> tuple[grain.MapDataset, int]:
+  """This process's share of the mixed record stream, and its records per epoch."""
+  datasets, total = [], 0
+  for i, spec in enumerate(settings.sources):
+    source = open_source(spec, i)
+    total += len(source)
+    ds = grain.MapDataset.source(source)
+    if settings.shuffle:
+      ds = ds.shuffle(seed=settings.seed + i)  # Reshuffled every epoch by repeat().
+    ds = ds.repeat(settings.num_epochs)
+    datasets.append(ds.map(functools.partial(parse, kind=spec.kind, fields=spec.fields)))
+  ds = (datasets[0] if len(datasets) == 1 else
+        grain.MapDataset.mix(datasets, [s.weight for s in settings.sources]))
+  # Every process takes the same number of records, so none runs out first.
+  share = len(ds) // process_count
+  if not share:
+    raise ValueError(f"the dataset has {len(ds)} records, fewer than the {process_count} "
+                     "processes that share it")
+  return ds[process_index:share * process_count:process_count], max(1, total // process_count)
+
+
+def _format_group(formatter: Formatter, group: list[Record | Bad]) -> list[Segment | Bad]:
+  """The segments of a group of records, in order, with a Bad in place of each bad record."""
+  out = []
+  for item in map(formatter, group):
+    out.extend([item] if isinstance(item, Bad) else item)
+  return out
+
+
+def _pack(ds: grain.IterDataset, settings: Settings, rows: int,
+          prefixes: Sequence[str]) -> grain.IterDataset:
+  lengths = {f"{p}{k}": settings.seq_len for p in prefixes for k in ("tokens", "weights")}
+  if settings.packing == "concat":
+    return ConcatThenSplitIterDataset(ds, length_struct=lengths)
+  one_per_row = settings.packing == "none"
+  return FirstFitPackIterDataset(
+    ds, length_struct=lengths, num_packing_bins=rows if one_per_row else settings.packing_bins,
+    shuffle_bins=False, max_sequences_per_bin=1 if one_per_row else None)
+
+
+def _finalize(batch: dict[str, np.ndarray], prefixes: Sequence[str]) -> dict[str, np.ndarray]:
+  """Packed rows -> tokens, positions, segment_ids, targets and loss_weights per prefix.
+
+  targets[t] is tokens[t + 1] when both are in the same document, else 0; loss_weights[t] is
+  that target's weight (0 where there is no target: padding, each document's last token).
+  """
+  out = {}
+  for p in prefixes:
+    tokens, segment_ids = batch[f"{p}tokens"], batch[f"{p}tokens_segment_ids"]
+    has_target = np.zeros(tokens.shape, bool)
+    has_target[:, :-1] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
+    out[f"{p}tokens"] = tokens
+    out[f"{p}positions"] = batch[f"{p}tokens_positions"]
+    out[f"{p}segment_ids"] = segment_ids
+    out[f"{p}targets"] = np.where(has_target, _shift_left(tokens), 0).astype(np.int32)
+    out[f"{p}loss_weights"] = np.where(
+      has_target, _shift_left(batch[f"{p}weights"]), 0).astype(np.float32)
+  return out
+
+
+def _shift_left(x: np.ndarray) -> np.ndarray:
+  out = np.zeros_like(x)
+  out[:, :-1] = x[:, 1:]
+  return out
+
+
+def _stack_prompts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  batch = {k: np.stack([x[k] for x in items])
+           for k in ("tokens", "positions", "segment_ids", "lengths")}
+  batch["reference"] = [x["reference"] for x in items]
+  return batch
+
+
+class _SkipCount:
+  """Records skipped so far by one iterator (restored with its state)."""
+
+  def __init__(self):
+    self.count = 0
+
+
+class _CheckedIterDataset(grain.IterDataset):
+  """Flattens groups of segments, raising on (or skipping and counting) bad records."""
+
+  def __init__(self, parent: grain.IterDataset, skip_bad: bool, patience: int,
+               skips: _SkipCount):
+    super().__init__(parent)
+    self._skip_bad = skip_bad
+    self._patience = patience
+    self._skips = skips
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _CheckedIterator(self._parent.__iter__(), self._skip_bad, self._patience, self._skips)
+
+
+class _CheckedIterator(grain.DatasetIterator):
+  """State: the parent's state before the current group, and the entries taken from it."""
+
+  def __init__(self, parent: grain.DatasetIterator, skip_bad: bool, patience: int,
+               skips: _SkipCount):
+    super().__init__(parent)
+    self._skip_bad = skip_bad
+    self._patience = patience  # Consecutive bad records that mean none is good.
+    self._skips = skips
+    self._parent_state = parent.get_state()
+    self._group: list[Segment | Bad] = []
+    self._taken = 0
+    self._resume_at = 0  # Entries of the next group already taken before a restore.
+    self._bad_run = 0
+
+  def __next__(self) -> Segment:
+    while True:
+      while self._taken >= len(self._group):
+        self._parent_state = self._parent.get_state()
+        self._group = next(self._parent)
+        self._taken, self._resume_at = self._resume_at, 0
+      entry = self._group[self._taken]
+      self._taken += 1
+      if not isinstance(entry, Bad):
+        self._bad_run = 0
+        return entry
+      self._skip(entry)
+
+  def _skip(self, bad: Bad) -> None:
+    if not self._skip_bad:
+      raise BadRecordError(f"{bad.origin}: {bad.reason} "
+                           "(set config.data.skip_bad_records=True to skip and count such records)")
+    self._skips.count += 1
+    self._bad_run += 1
+    if self._skips.count <= _LOGGED_SKIPS:
+      log.warning("skipping bad record %s: %s", bad.origin, bad.reason)
+    if self._bad_run >= self._patience:
+      raise ValueError(f"the last {self._bad_run} records were all bad, as many as an epoch "
+                       f"holds; the last: {bad.origin}: {bad.reason}")
+
+  def get_state(self) -> dict[str, Any]:
+    # Right after a restore nothing is taken yet and the position is still `_resume_at`.
+    return {"parent": self._parent_state, "taken": self._taken + self._resume_at,
+            "skipped": self._skips.count}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._parent_state = state["parent"]
+    self._group, self._taken, self._resume_at = [], 0, state["taken"]
+    self._skips.count = state["skipped"]
+    self._bad_run = 0

@@ -1,0 +1,238 @@
+"""gemma_jax.data sources: files, ArrayRecord, bad records, start-up checks, shipped data."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import AxisType
+
+from gemma_jax.data import BadRecordError, default_config, make_dataset, make_iterator
+from gemma_jax.data.to_array_record import convert
+from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
+
+DATA = Path(__file__).parent / "data"
+CORPUS = DATA / "tokenizer_corpus.txt"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+  return Tokenizer(train_sentencepiece(CORPUS, tmp_path_factory.mktemp("spm") / "t", 1000))
+
+
+def config(sources, **overrides):
+  c = default_config()
+  c.sources = sources
+  c.shuffle, c.num_epochs, c.seq_len, c.batch_size, c.packing = False, 1, 64, 1, "none"
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def rows(c, tok, n=None):
+  """Every row's real tokens, decoded (control tokens dropped)."""
+  it = iter(make_dataset(c, tok))
+  out = list(it) if n is None else [next(it) for _ in range(n)]
+  return [tok.decode(r[s > 0], skip_control=True)
+          for b in out for r, s in zip(b["tokens"], b["segment_ids"])]
+
+
+def write_lines(path: Path, lines) -> Path:
+  path.write_bytes(b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in lines))
+  return path
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def test_text_files_split_into_paragraphs(tmp_path, tok):
+  path = tmp_path / "a.txt"
+  path.write_text("first line\nstill first\n\n  \n\nsecond\r\n\r\nthird\n")
+  assert rows(config([{"path": str(path)}]), tok) == ["first line\nstill first", "second\r",
+                                                     "third"]
+
+
+def test_jsonl_with_field_names_globs_and_blank_lines(tmp_path, tok):
+  write_lines(tmp_path / "a.jsonl", ['{"body": "one", "id": 1}', "", '{"body": "two"}'])
+  write_lines(tmp_path / "b.jsonl", ["   ", '{"body": "three"}'])
+  c = config([{"path": str(tmp_path / "*.jsonl"), "fields": {"text": "body"}}])
+  assert rows(c, tok) == ["one", "two", "three"]
+
+
+def test_array_record_matches_the_files_it_was_made_from(tmp_path, tok):
+  assert convert([str(CORPUS)], str(tmp_path / "tokenizer_corpus.array_record")) == 43
+  jsonl = write_lines(tmp_path / "a.jsonl", ['{"body": "one"}', '{"body": "two"}'])
+  assert convert([str(jsonl)], str(tmp_path / "a.array_record")) == 2
+  for made_from, fields in ((CORPUS, {}), (jsonl, {"text": "body"})):
+    array_record = tmp_path / f"{made_from.stem}.array_record"
+    kw = dict(shuffle=True, num_epochs=2, batch_size=2)
+    want = rows(config([{"path": str(made_from), "fields": fields}], **kw), tok)
+    got = rows(config([{"path": str(array_record), "fields": fields}], **kw), tok)
+    assert got == want and len(want) > 1
+
+
+def test_converter_cli_reports_bad_lines(tmp_path):
+  bad = write_lines(tmp_path / "bad.jsonl", ['{"text": "ok"}', '{"text": '])
+  out = tmp_path / "bad.array_record"
+  result = subprocess.run([sys.executable, "-m", "gemma_jax.data.to_array_record", str(bad),
+                           "--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 1
+  assert f"{bad}:2: malformed JSON" in result.stderr
+  assert not out.exists()
+
+
+def test_memory_records_may_be_strings(tok):
+  assert rows(config([{"records": ["plain text", {"text": "a dict"}]}]), tok) == [
+    "plain text", "a dict"]
+
+
+# --- bad records --------------------------------------------------------------------------
+
+GOOD = '{"text": "good"}'
+BAD_RECORDS = [  # format, bad line, what the error says
+  ("pretrain", '{"text": "unterminated', "malformed JSON"),
+  ("pretrain", '{"body": "wrong field"}', "missing field 'text'"),
+  ("pretrain", '{"text": 42}', "field 'text' must be str, got int"),
+  ("pretrain", '{"text": "  \\n "}', "empty document (field 'text')"),
+  ("pretrain", '{"tokens": []}', "empty document (field 'tokens')"),
+  ("pretrain", '{"tokens": [5, 1000]}', "token id 1000 in field 'tokens' is out of range"),
+  ("pretrain", '{"tokens": [5, -1]}', "token id -1 in field 'tokens' is out of range"),
+  ("pretrain", '{"tokens": [5, "x"]}', "field 'tokens' must be a list of ints"),
+  ("pretrain", '["not", "an", "object"]', "expected a JSON object with field 'text', got list"),
+  ("pretrain", b'{"text": "\xff"}', "not valid UTF-8"),
+  ("chat", '{"messages": [{"role": "user", "content": "hi"}]}', "chat has no model turn"),
+  ("chat", '{"messages": [{"role": "robot", "content": "hi"}]}',
+   "field 'messages': message 0: unknown role 'robot'"),
+  ("chat", '{"messages": "hi"}', "field 'messages' must be list, got str"),
+  ("preference", '{"prompt": "q", "chosen": "a"}', "missing field 'rejected'"),
+  ("preference", '{"prompt": "q", "chosen": "a", "rejected": ""}',
+   "empty response (field 'rejected')"),
+  ("rl", '{"prompt": ""}', "empty prompt (field 'prompt')"),
+  ("rl", '{"prompt": "' + "word " * 80 + '"}', "more than seq_len=64"),
+]
+GOOD_BY_FORMAT = {
+  "pretrain": GOOD,
+  "chat": '{"messages": [{"role": "user", "content": "hi"}, {"role": "model", "content": "good"}]}',
+  "preference": '{"prompt": "q", "chosen": "good", "rejected": "bad"}',
+  "rl": '{"prompt": "good"}',
+}
+
+
+def bad_file(tmp_path, fmt, bad):
+  good = GOOD_BY_FORMAT[fmt]
+  return write_lines(tmp_path / "data.jsonl", [good, good, "", bad, good])  # bad on line 4
+
+
+@pytest.mark.parametrize("fmt, bad, reason", BAD_RECORDS)
+def test_bad_record_error_names_file_and_line(tmp_path, tok, fmt, bad, reason):
+  path = bad_file(tmp_path, fmt, bad)
+  with pytest.raises(BadRecordError, match="skip_bad_records") as e:
+    list(make_dataset(config([{"path": str(path)}], format=fmt), tok))
+  assert str(e.value).startswith(f"{path}:4: ") and reason in str(e.value)
+
+
+@pytest.mark.parametrize("fmt, bad, reason", BAD_RECORDS)
+def test_bad_records_skipped_and_counted(tmp_path, tok, fmt, bad, reason):
+  path = bad_file(tmp_path, fmt, bad)
+  c = config([{"path": str(path)}], format=fmt, skip_bad_records=True, num_epochs=2)
+  mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2,
+                       devices=jax.devices()[:1])
+  it = make_iterator(c, tok, mesh)
+  batches = list(it)
+  assert len(batches) == 6 and it.skipped_records == 2  # 3 good and 1 bad per epoch.
+
+
+def test_only_bad_records_is_an_error_not_a_hang(tmp_path, tok):
+  path = write_lines(tmp_path / "bad.jsonl", ['{"text": ""}'] * 3)
+  c = config([{"path": str(path)}], skip_bad_records=True, num_epochs=None)
+  with pytest.raises(ValueError, match="the last 3 records were all bad"):
+    next(iter(make_dataset(c, tok)))
+
+
+def test_bad_text_file_paragraph_names_its_first_line(tmp_path, tok):
+  path = tmp_path / "a.txt"
+  path.write_bytes(b"fine\n\nalso fine\nmore\n\n\nbad \xff byte\nhere\n")
+  with pytest.raises(BadRecordError, match=f"^{path}:7: not valid UTF-8"):
+    rows(config([{"path": str(path)}]), tok)
+
+
+# --- refused at start-up ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sources, overrides, message", [
+  ([], {}, "config.data.sources is empty"),
+  ([{"path": "/nonexistent/*.jsonl"}], {}, "no file matches"),
+  ([{"records": []}], {}, r"sources\[0\] \(<memory>\) has no records"),
+  ([{"path": str(CORPUS), "kind": "parquet"}], {}, "kind must be one of"),
+  ([{"path": "x", "records": []}], {}, "exactly one of 'path' or 'records'"),
+  ([{"records": ["a"], "weight": 0}], {}, "weight must be a positive number"),
+  ([{"records": ["a"], "fields": {"txt": "body"}}], {}, r"fields has unknown keys \['txt'\]"),
+  ([{"records": ["a"]}], {"format": "sft"}, "format must be one of"),
+  ([{"records": ["a"]}], {"format": "preference", "packing": "concat"}, "split preference"),
+  ([{"records": ["a"]}], {"seq_len": 1}, "seq_len must be an int >= 2"),
+  ([{"records": ["a"]}], {"batch_size": 0}, "batch_size must be an int >= 1"),
+])
+def test_bad_config_refused(tok, sources, overrides, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    make_dataset(config(sources, **overrides), tok)
+
+
+def test_empty_files_refused(tmp_path, tok):
+  (tmp_path / "empty.jsonl").write_text("\n\n")
+  (tmp_path / "blank.txt").write_text("   \n\n")
+  for name in ("empty.jsonl", "blank.txt"):
+    with pytest.raises(ValueError, match=f"{tmp_path / name}\\) has no records"):
+      make_dataset(config([{"path": str(tmp_path / name)}]), tok)
+
+
+def test_unknown_config_key_refused():
+  c = default_config()
+  with pytest.raises(AttributeError, match="batchsize"):
+    c.batchsize = 8
+
+
+def test_batch_size_must_divide_over_data_parallel_devices_and_processes(tok):
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  c = config([{"records": ["a"] * 8}], batch_size=6)
+  with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the data-parallel "
+                                       r"size 4 \(data=2, fsdp=2\)"):
+    make_iterator(c, tok, mesh)
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by the process count 4"):
+    make_dataset(c, tok, process_index=0, process_count=4)
+  c.batch_size = 8
+  with pytest.raises(ValueError, match="this process holds 8 of 8 batch rows"):
+    make_iterator(c, tok, mesh, process_index=0, process_count=2)
+  c.batch_size = 16
+  with pytest.raises(ValueError, match="the dataset has 8 records, fewer than the 16 processes"):
+    make_dataset(c, tok, process_index=0, process_count=16)
+
+
+# --- the shipped data ---------------------------------------------------------------------
+
+
+def test_generator_reproduces_the_shipped_sets(tmp_path):
+  spec = importlib.util.spec_from_file_location("make_chat_sets", DATA / "make_chat_sets.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.main(tmp_path)
+  for name in ("chat_sft.jsonl", "preferences.jsonl", "rl_prompts.jsonl"):
+    assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name, fmt, count", [("chat_sft.jsonl", "chat", 240),
+                                              ("preferences.jsonl", "preference", 160),
+                                              ("rl_prompts.jsonl", "rl", 120)])
+def test_shipped_sets_are_valid(tok, name, fmt, count):
+  c = config([{"path": str(DATA / name)}], format=fmt, seq_len=128, batch_size=8)
+  batches = list(make_dataset(c, tok))
+  key = "segment_ids" if fmt != "preference" else "chosen_segment_ids"
+  assert sum(int(b[key].max(axis=1).astype(bool).sum()) for b in batches) == count
+  if fmt == "rl":
+    assert all(json.dumps(r) for b in batches for r in b["reference"])
+  else:
+    weights = "loss_weights" if fmt == "chat" else "chosen_loss_weights"
+    assert all((b[weights].sum(axis=1) > 0).all() for b in batches)
