@@ -2,9 +2,10 @@
 
 Pure ZeRO-3: fsdp spans all 256 chips (one slice, so no DCN axes). A step is
 512 sequences x 2048 tokens = 1,048,576 tokens (2 sequences per chip). Weights and Adam
-moments in float32 (12 bytes/param, 1/256 per chip), compute in bfloat16, every block
-rematerialised except its matmul outputs that carry no batch dimension (`dots_with_no_batch_dims`
-saves nothing activation-sized), and the 256K-vocabulary loss computed in 4096-token chunks.
+moments in float32 (12 bytes/param, 1/256 per chip), compute in bfloat16, each block fully
+rematerialised (only its input is kept), and the 256K-vocabulary loss computed in 4096-token
+chunks. That uses 4.7-10.7 GiB of the 16 GiB per chip (benchmarks/pod_fit.md), so a cheaper
+remat policy (--config.model.remat_policy=save_qkv_proj) is worth trying on real hardware.
 `python -m launch.aot --config configs/<model>.py --topology v5e:16x16` checks the fit.
 """
 
