@@ -8,7 +8,7 @@ export JAX_PLATFORMS ?= cpu
 .PHONY: demo test test-all info clean
 
 demo: $(VENV)/.installed
-	$(PY) -m gemma_jax.demo
+	$(PY) -m trainers.pretrain --config configs/tiny.py --workdir $(or $(WORKDIR),workdir/tiny)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

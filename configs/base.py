@@ -1,17 +1,33 @@
-"""Defaults shared by every job config; job files override what differs.
+"""The job-config schema: every key with its default. Job files (tiny.py, pod.py, ...) start
+from `get_config()` and override values; the config is locked, so a misspelt key fails.
 
-Every ModelConfig field can be overridden under `model` (None = the preset's value), e.g.
-`--config.model.remat_policy=full`.
+Sections: model, mesh, sharding, train, optimizer, data, tokenizer, eval, checkpoint, logging,
+init_from. Every ModelConfig field can be overridden under `model` (None = the preset's value),
+e.g. `--config.model.remat_policy=full`. `data.seq_len` and `data.batch_size` are linked to
+`train.seq_len` and `train.global_batch_size`: setting either side sets both.
+`validate(config, num_devices)` checks values and combinations, naming the key at fault.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import os
 
 import ml_collections
 from ml_collections import config_dict
 
+from gemma_jax import sharding
 from gemma_jax.config import ModelConfig
+from gemma_jax.data import default_config as data_config
+from gemma_jax.data.config import parse_config as parse_data_config
+from gemma_jax.optim import make_optimizer
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+NON_FINITE = ("skip", "stop")
+
+
+class ConfigError(ValueError):
+  """A job config that cannot run; the message names the key."""
 
 
 def _model_overrides() -> dict:
@@ -22,6 +38,15 @@ def _model_overrides() -> dict:
     kind = str(f.type).split(" | ")[0].split("[")[0]
     out[f.name] = config_dict.placeholder(_FIELD_TYPES.get(kind, object))
   return out
+
+
+def _data_section(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  # sources as a tuple: ml_collections can override tuples (not lists) from the command line,
+  # --config.data.sources="({'path': 'a.jsonl'},)".
+  data = ml_collections.ConfigDict({**data_config().to_dict(), "sources": ()})
+  data.seq_len = train.get_ref("seq_len")
+  data.batch_size = train.get_ref("global_batch_size")
+  return data
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,11 +60,34 @@ def get_config() -> ml_collections.ConfigDict:
       max_replicated_fraction=0.05))
   c.train = ml_collections.ConfigDict(dict(
       steps=100, global_batch_size=8, seq_len=128, microbatches=1, seed=0, z_loss=0.0,
-      loss_chunk_size=4096))
+      loss_chunk_size=4096,
+      # A step whose loss or gradient norm is not finite leaves the state unchanged and is
+      # reported; "stop" then ends the run with an error.
+      non_finite="skip"))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-4, schedule="cosine", warmup_steps=10, end_lr_fraction=0.1, b1=0.9,
       b2=0.95, eps=1e-8, weight_decay=0.1, decay_embedding=False, decay_norms=False,
       grad_clip_norm=1.0))
+  c.data = _data_section(c.train)  # gemma_jax.data's schema, see gemma_jax/data/config.py
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      path="",          # a SentencePiece .model file (Gemma's for real runs) ...
+      train_corpus="",  # ... or text to train a small one on at start-up (CPU demos)
+      vocab_size=512))  # pieces of the trained one
+  c.eval = ml_collections.ConfigDict(dict(
+      every=0,          # steps between evaluations (and one at the end); 0 = no evaluation
+      batches=4,        # batches per evaluation, always the same ones
+      sources=()))      # like data.sources; read in order, with data's format and packing
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=1000,       # steps between checkpoints; the last step and SIGTERM also save
+      keep=3,           # the newest `keep` checkpoints are kept ...
+      keep_every=0,     # ... and every step that is a multiple of this (0 = none)
+      async_save=True))  # write in the background while training goes on
+  c.logging = ml_collections.ConfigDict(dict(
+      every=10, console=True, jsonl=True, tensorboard=True))
+  # A model directory (gemma_jax.checkpoint.save_model_dir / convert) whose params start the
+  # run instead of a random init; unused once the workdir holds a checkpoint.
+  c.init_from = ""
+  c.lock()
   return c
 
 
@@ -51,3 +99,141 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   if "attention_pattern" in overrides:
     overrides["attention_pattern"] = tuple(overrides["attention_pattern"])
   return preset(c.model.preset, **overrides)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
+  """Raise ConfigError naming the key when the job cannot run; returns the ModelConfig.
+
+  Cheap checks only (no model is built): this runs before anything else at start-up.
+  """
+  _check_schema(c, get_config(), "config")
+  try:
+    cfg = model_config(c)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+  t = c.train
+  _at_least(t, "train", steps=1, global_batch_size=1, seq_len=2, microbatches=1,
+            loss_chunk_size=1)
+  if t.seq_len > cfg.max_seq_len:
+    raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds the model's max_seq_len="
+                      f"{cfg.max_seq_len} (config.model.max_seq_len)")
+  if t.z_loss < 0:
+    raise ConfigError(f"config.train.z_loss={t.z_loss} must be >= 0")
+  if t.non_finite not in NON_FINITE:
+    raise ConfigError(f"config.train.non_finite={t.non_finite!r}; choose one of {NON_FINITE}")
+  _check_mesh(c, cfg, num_devices)
+  _check_optimizer(c)
+  _check_data(c)
+  _check_tokenizer(c.tokenizer, cfg)
+  _at_least(c.checkpoint, "checkpoint", every=1, keep=1, keep_every=0)
+  _at_least(c.logging, "logging", every=1)
+  _at_least(c.eval, "eval", every=0, batches=1)
+  if c.init_from and not os.path.isfile(os.path.join(c.init_from, "config.json")):
+    raise ConfigError(f"config.init_from={c.init_from!r} is not a model directory "
+                      "(no config.json)")
+  return cfg
+
+
+def _check_schema(c, schema, where: str) -> None:
+  """Every key known and of its schema's type (configs built in Python skip ConfigDict's
+  own checks when they are assembled from plain dicts)."""
+  if not isinstance(c, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(f"{where} must be a section (ConfigDict), got {type(c).__name__}")
+  keys, known = set(c.keys()), set(schema.keys())
+  if unknown := sorted(keys - known):
+    raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+  if missing := sorted(known - keys):
+    raise ConfigError(f"{where}: missing key(s) {missing}; start job configs from "
+                      "configs.base.get_config()")
+  for key in known:
+    value, default = c[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_schema(value, default, f"{where}.{key}")
+    elif not _type_ok(value, default, schema, key):
+      raise ConfigError(f"{where}.{key}={value!r} should be of type {type(default).__name__}")
+
+
+def _type_ok(value, default, schema, key) -> bool:
+  if value is None or default is None:  # placeholders (model overrides, num_epochs)
+    return True
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def _at_least(section, name: str, **lows: int) -> None:
+  for key, low in lows.items():
+    if section[key] < low:
+      raise ConfigError(f"config.{name}.{key}={section[key]} must be >= {low}")
+
+
+def _check_mesh(c, cfg: ModelConfig, num_devices: int) -> None:
+  try:
+    data, fsdp, tensor = sharding.mesh_shape(c.mesh, num_devices, "config.mesh")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  t = c.train
+  rows = data * fsdp * t.microbatches
+  if t.global_batch_size % rows:
+    raise ConfigError(
+        f"config.train.global_batch_size={t.global_batch_size} must be a multiple of "
+        f"mesh data x fsdp x train.microbatches = {data} x {fsdp} x {t.microbatches}: every "
+        "microbatch is split over the batch shards")
+  if tensor > 1 and cfg.vocab_size % tensor:
+    raise ConfigError(f"config.mesh.tensor={tensor} does not divide the vocabulary "
+                      f"({cfg.vocab_size}) for the vocabulary-parallel loss")
+
+
+def _check_optimizer(c) -> None:
+  o = c.optimizer
+  try:
+    make_optimizer(o, c.train.steps)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from e
+  for key in ("b1", "b2"):
+    if not 0 <= o[key] < 1:
+      raise ConfigError(f"config.optimizer.{key}={o[key]} must be in [0, 1)")
+  if not 0 <= o.end_lr_fraction <= 1:
+    raise ConfigError(f"config.optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
+  for key in ("learning_rate", "eps", "weight_decay", "grad_clip_norm"):
+    if o[key] < 0:
+      raise ConfigError(f"config.optimizer.{key}={o[key]} must be >= 0")
+
+
+def _check_data(c) -> None:
+  _parse_data(c.data, "")
+  if c.eval.every:
+    if not c.eval.sources:
+      raise ConfigError(f"config.eval.every={c.eval.every} needs config.eval.sources")
+    _parse_data(eval_data_config(c), "config.eval.sources, read with config.data: ")
+
+
+def _parse_data(data, prefix: str) -> None:
+  try:
+    parse_data_config(data)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"{prefix}{e}") from e
+
+
+def eval_data_config(c) -> ml_collections.ConfigDict:
+  """config.data for evaluation: eval.sources, read in order, repeating."""
+  data = ml_collections.ConfigDict(c.data.to_dict())
+  data.update(sources=tuple(c.eval.sources), shuffle=False, num_epochs=None)
+  return data
+
+
+def _check_tokenizer(tok, cfg: ModelConfig) -> None:
+  if bool(tok.path) == bool(tok.train_corpus):
+    raise ConfigError("config.tokenizer: set exactly one of tokenizer.path (a SentencePiece "
+                      "model) or tokenizer.train_corpus (text to train one on)")
+  path = tok.path or tok.train_corpus
+  if not os.path.isfile(path):
+    key = "path" if tok.path else "train_corpus"
+    raise ConfigError(f"config.tokenizer.{key}={path!r}: no such file")
+  if tok.train_corpus and not 300 <= tok.vocab_size <= cfg.vocab_size:
+    raise ConfigError(f"config.tokenizer.vocab_size={tok.vocab_size} must be in [300, "
+                      f"model vocab_size={cfg.vocab_size}] (byte fallback needs 259 pieces)")

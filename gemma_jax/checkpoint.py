@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,8 @@ from gemma_jax.model import Transformer, abstract_model
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 PARAMS_DIR = "params"
+
+log = logging.getLogger(__name__)
 
 
 def save_model_dir(directory: str | os.PathLike, cfg: ModelConfig, params,
@@ -83,8 +86,12 @@ def load_model_dir(directory: str | os.PathLike, shardings=None,
   shardings: optional pytree of jax.sharding.Sharding matching the parameter pure dict; each
   array is restored straight into its shards. config_overrides change numerics only (e.g.
   dtype='float32', param_dtype='bfloat16'); shapes must match the saved ones.
+  A trainer workdir (no params/, a checkpoints/ folder) loads its newest checkpoint's params
+  (load_trainer_checkpoint).
   """
   directory = Path(directory).absolute()
+  if not (directory / PARAMS_DIR).exists() and (directory / TRAIN_CHECKPOINT_DIR).is_dir():
+    return load_trainer_checkpoint(directory, shardings=shardings, **config_overrides)
   cfg = load_config(directory, **config_overrides)
   model = abstract_model(cfg)
   graphdef, abstract = nnx.split(model)
@@ -102,4 +109,118 @@ def load_model_dir(directory: str | os.PathLike, shardings=None,
     raise ValueError(f"{directory / PARAMS_DIR}: parameters do not match {cfg.name!r}: {e}") from e
   abstract.replace_by_pure_dict(params)
   tokenizer = directory / TOKENIZER_FILE
+  return cfg, nnx.merge(graphdef, abstract), tokenizer if tokenizer.is_file() else None
+
+
+# Trainer checkpoints: the whole train state of a run, under WORKDIR/checkpoints/<step>/.
+TRAIN_CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainCheckpointer:
+  """An orbax CheckpointManager for train states {params, opt_state, step, rng}.
+
+  Each step directory holds the items `params`, `opt_state`, `meta` ({step, rng}) and `data`
+  (the grain iterator state of every process: process_{i}-of-{n}.json). orbax writes a step
+  into a temporary directory and renames it when every item is complete, so a crash mid-save
+  leaves the previous checkpoint as the newest; a step that fails to restore (a damaged
+  file) is reported and the next older one is tried. Restoring into ShapeDtypeStructs with
+  another mesh's shardings reshards. Kept: the newest `keep` steps and every multiple of
+  `keep_every` (0 = none).
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int, keep_every: int = 0,
+               async_save: bool = True):
+    policies = [ocp.checkpoint_managers.LatestN(keep)]
+    if keep_every:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self.directory = Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, state: dict, data_iterator=None) -> int:
+    """Start saving (in the background if async); the data position is captured now."""
+    import grain  # local: model-directory users need no data pipeline
+
+    step = int(state["step"])
+    items = {"params": ocp.args.StandardSave(state["params"]),
+             "opt_state": ocp.args.StandardSave(state["opt_state"]),
+             "meta": ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]})}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    return step
+
+  def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
+    """The state at `step` laid out as `abstract_state` says (ShapeDtypeStructs with
+    shardings); `data_iterator` is moved to the saved position."""
+    import grain
+
+    items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
+             "opt_state": ocp.args.StandardRestore(abstract_state["opt_state"]),
+             "meta": ocp.args.StandardRestore({"step": abstract_state["step"],
+                                               "rng": abstract_state["rng"]})}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return {"params": out["params"], "opt_state": out["opt_state"], **out["meta"]}
+
+  def restore_latest(self, abstract_state: dict, data_iterator=None) -> dict | None:
+    """The newest step that restores, or None when there is no checkpoint."""
+    errors = []
+    for step in reversed(self.steps()):
+      try:
+        return self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
+        log.warning("checkpoint %s/%d does not restore (%s: %s); trying an older one",
+                    self.directory, step, type(e).__name__, e)
+        errors.append(f"step {step}: {type(e).__name__}: {e}")
+    if errors:
+      raise ValueError(f"{self.directory}: no checkpoint restores:\n" + "\n".join(errors))
+    return None
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once JAX's preemption service saw a SIGTERM (multi-host)."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def load_trainer_checkpoint(workdir: str | os.PathLike, step: int | None = None, shardings=None,
+                            **config_overrides) -> tuple[ModelConfig, Transformer, Path | None]:
+  """(config, model, tokenizer path or None) from a trainer workdir, as load_model_dir.
+
+  A workdir (python -m trainers.pretrain --workdir DIR) holds config.json and tokenizer.model
+  like a model directory, and the train checkpoints under checkpoints/; the params of `step`
+  (default: the newest) are restored, nothing else. load_model_dir(workdir) calls this.
+  """
+  workdir = Path(workdir).absolute()
+  cfg = load_config(workdir, **config_overrides)
+  manager = ocp.CheckpointManager(workdir / TRAIN_CHECKPOINT_DIR,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"{workdir / TRAIN_CHECKPOINT_DIR}: no checkpoint")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"{workdir / TRAIN_CHECKPOINT_DIR}: no step {step}; steps: {steps}")
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  target = abstract.to_pure_dict()
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, target)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        target, shardings)
+  params = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target)))["params"]
+  abstract.replace_by_pure_dict(params)
+  tokenizer = workdir / TOKENIZER_FILE
   return cfg, nnx.merge(graphdef, abstract), tokenizer if tokenizer.is_file() else None

@@ -3,8 +3,9 @@
   python -m gemma_jax.demo [--model tiny_gemma3] [--max_new_tokens 16]
 
 Trains a small SentencePiece tokenizer on the shipped text, initialises a random model of
-the chosen preset, runs one forward pass over a chat prompt and greedily extends it. The
-weights are random, so the continuation is noise: the point is that every piece runs.
+the chosen preset, runs one forward pass over a chat prompt and greedily extends it with the
+KV-cache sampler. The weights are random, so the continuation is noise: the point is that
+every piece runs.
 """
 
 from __future__ import annotations
@@ -17,35 +18,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from gemma_jax.config import get_config
 from gemma_jax.model import init_model, param_count
+from gemma_jax.sampler import Sampler, SamplingParams
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
 
 CORPUS = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "tokenizer_corpus.txt"
-
-
-def greedy_extend(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-  """Greedy decoding by re-running the whole (fixed-size) buffer each step: no KV cache.
-
-  Slots not yet generated carry segment id 0, so the model treats them as padding.
-  """
-  graphdef, state = nnx.split(model)
-  total = len(prompt) + max_new_tokens
-  tokens = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
-
-  @jax.jit
-  def step(state, tokens, length):
-    live = (jnp.arange(total) < length)[None].astype(jnp.int32)
-    logits = nnx.merge(graphdef, state)(tokens, segment_ids=live)
-    next_token = jnp.argmax(logits[0, length - 1])
-    return tokens.at[0, length].set(next_token)
-
-  for length in range(len(prompt), total):
-    tokens = step(state, tokens, length)
-  return np.asarray(tokens[0, len(prompt):]).tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         f"finite={bool(jnp.isfinite(logits).all())}, {time.perf_counter() - start:.2f}s")
 
   start = time.perf_counter()
-  new_tokens = greedy_extend(model, prompt, args.max_new_tokens)
-  print(f"greedy sample of {len(new_tokens)} tokens in {time.perf_counter() - start:.2f}s "
+  sampler = Sampler(model, tokenizer)
+  completion = sampler.generate([prompt], SamplingParams(max_new_tokens=args.max_new_tokens))[0]
+  print(f"greedy sample of {len(completion.tokens)} tokens ({completion.finish_reason}) in "
+        f"{time.perf_counter() - start:.2f}s with the KV-cache sampler, compilation included "
         "(random weights, so expect noise):")
   print("  prompt:", repr(tokenizer.decode(prompt)))
-  print("  sample:", repr(tokenizer.decode(new_tokens)))
+  print("  sample:", repr(tokenizer.decode(completion.tokens)))
   return 0
 
 

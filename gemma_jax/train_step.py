@@ -128,8 +128,23 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
   return step
 
 
-def jit_train_step(step, shardings, mesh: Mesh):
+def jit_train_step(step, shardings, mesh: Mesh, batch_keys=BATCH_KEYS):
   """jit with explicit in/out shardings; the old state is donated (updated in place)."""
-  batch = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  batch = {k: sharding.batch_sharding(mesh) for k in batch_keys}
   return jax.jit(step, in_shardings=(shardings, batch),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(graphdef, loss_fn: LossFn):
+  """eval(params, batch) -> (loss sum, weight), with no gradient and a fixed rng."""
+
+  def step(params, batch):
+    return loss_fn(nnx.merge(graphdef, nnx.State(params)), batch, jax.random.key(0))
+
+  return step
+
+
+def jit_eval_step(step, param_shardings, mesh: Mesh, batch_keys=BATCH_KEYS):
+  batch = {k: sharding.batch_sharding(mesh) for k in batch_keys}
+  return jax.jit(step, in_shardings=(param_shardings, batch),
+                 out_shardings=sharding.replicated(mesh))

@@ -2,6 +2,7 @@
 
 One code path covers every layer kind: the sliding window, RoPE base and position scale are
 values (they vary across scanned layers), soft-capping and QK-norm are config switches.
+With a KV cache the same path runs over the cache slots instead of the call's own tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma_jax.config import ModelConfig
+from gemma_jax.model.cache import KVCache
 from gemma_jax.model.layers import RMSNorm, apply_rope, make_param, softcap, stacked
 
 # Finite "minus infinity": a fully masked row (padding) stays finite instead of NaN.
@@ -30,6 +32,15 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum(self.equation, x, self.w[...].astype(x.dtype))
+
+  def each(self, x: jax.Array) -> list[jax.Array]:
+    """The equation applied with each slice of w's leading axis (kv_einsum: keys, values).
+
+    Plain dots per slice: one einsum over the stack makes XLA:CPU transpose the whole
+    weight at every call, which dominates a decode step there.
+    """
+    w = self.w[...].astype(x.dtype)
+    return [jnp.einsum(self.equation, x, w[i]) for i in range(w.shape[0])]
 
 
 def attention_mask(q_positions, q_segments, k_positions, k_segments, window) -> jax.Array:
@@ -51,7 +62,7 @@ class Attention(nnx.Module):
     kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs, num_layers=num_layers)
     self.q_einsum = Einsum("btd,ndh->btnh", (n, d, h), ("heads", "embed", "head_dim"),
                            d ** -0.5, **kw)
-    self.kv_einsum = Einsum("btd,ckdh->cbtkh", (2, k, d, h),
+    self.kv_einsum = Einsum("btd,kdh->btkh", (2, k, d, h),
                             (None, "kv_heads", "embed", "head_dim"), d ** -0.5, **kw)
     self.attn_vec_einsum = Einsum("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"),
                                   (n * h) ** -0.5, **kw)
@@ -63,16 +74,29 @@ class Attention(nnx.Module):
     self.query_scale = cfg.query_pre_attn_scalar ** -0.5
     self.logits_softcap = cfg.attn_logits_softcap
 
-  def __call__(self, x, positions, segment_ids, *, window, rope_base, rope_scale):
+  def __call__(self, x, positions, segment_ids, *, window, rope_base, rope_scale,
+               cache: KVCache | None = None, layer: jax.Array | int = 0
+               ) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D] -> (output [B, T, D], cache with this call's keys/values written).
+
+    Without a cache the tokens attend to each other. With one (whose slot positions/segment
+    ids already include these tokens) they attend to every slot of this `layer`.
+    """
     q = checkpoint_name(self.q_einsum(x), "query_proj")
-    k, v = self.kv_einsum(x)
+    k, v = self.kv_einsum.each(x)
     k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
     if self.use_qk_norm:
       q, k = self.query_norm(q), self.key_norm(k)
     q = apply_rope(q, positions, rope_base, rope_scale) * jnp.asarray(self.query_scale, x.dtype)
     k = apply_rope(k, positions, rope_base, rope_scale)
-    mask = attention_mask(positions, segment_ids, positions, segment_ids, window)
-    return self.attn_vec_einsum(dot_product_attention(q, k, v, mask, self.logits_softcap))
+    k_positions, k_segments = positions, segment_ids
+    if cache is not None:
+      cache = cache.write_kv(layer, k, v)
+      k, v, k_positions, k_segments = (cache.k[layer], cache.v[layer], cache.positions,
+                                       cache.segment_ids)
+    mask = attention_mask(positions, segment_ids, k_positions, k_segments, window)
+    out = self.attn_vec_einsum(dot_product_attention(q, k, v, mask, self.logits_softcap))
+    return out, cache
 
 
 def dot_product_attention(q, k, v, mask, logits_softcap):

@@ -3,10 +3,12 @@
 Gemma 1, 2 and 3 text differ only through ModelConfig fields. Every layer's parameters are
 stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time does not grow
 with depth; per-layer differences (sliding window, RoPE base and scale) ride along as scanned
-values.
+values; a KV cache (stacked on the same leading axis) rides in the scan's carry.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +16,14 @@ import numpy as np
 from flax import nnx
 
 from gemma_jax.config import ModelConfig
+from gemma_jax.sharding import constrain
 from gemma_jax.model.attention import NO_WINDOW, Attention
+from gemma_jax.model.cache import KVCache
 from gemma_jax.model.layers import FeedForward, RMSNorm, make_param, softcap
 
+# Logical axes of the residual stream; pins the batch split so XLA never trades it for the
+# fsdp split of the weights (which would leave whole batches on every device).
+ACTIVATION_AXES = ("batch", "length", "act_embed")
 _SAVE_QKV = ("query_proj", "key_proj", "value_proj")
 REMAT_POLICIES = {
     "none": None,
@@ -58,11 +65,14 @@ class Block(nnx.Module):
                            rngs=rngs, num_layers=num_layers)
     self.post_ffw_norm = norm() if cfg.use_post_ffw_norm else None
 
-  def __call__(self, x, positions, segment_ids, **layer_values):
-    h = self.attn(self.pre_attention_norm(x), positions, segment_ids, **layer_values)
+  def __call__(self, x, positions, segment_ids, cache: KVCache | None = None,
+               layer: jax.Array | int = 0, **layer_values) -> tuple[jax.Array, KVCache | None]:
+    """(block output, the cache with this layer's new keys/values; None without a cache)."""
+    h, cache = self.attn(self.pre_attention_norm(x), positions, segment_ids, cache=cache,
+                         layer=layer, **layer_values)
     x = x + (h if self.post_attention_norm is None else self.post_attention_norm(h))
     h = self.mlp(self.pre_ffw_norm(x))
-    return x + (h if self.post_ffw_norm is None else self.post_ffw_norm(h))
+    return x + (h if self.post_ffw_norm is None else self.post_ffw_norm(h)), cache
 
 
 def layer_values(cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -76,7 +86,7 @@ def layer_values(cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 class Transformer(nnx.Module):
-  """tokens [B, T] (+ positions, segment_ids) -> logits [B, T, V] in float32."""
+  """tokens [B, T] (+ positions, segment_ids, optional KV cache) -> logits [B, T, V] float32."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -85,8 +95,12 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.embed_dim, "embed", eps=cfg.norm_eps,
                               param_dtype=jnp.dtype(cfg.param_dtype))
 
-  def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-    return self.logits(self.features(tokens, positions, segment_ids))
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """Logits; with a cache (see `cached_features`), the pair (logits, updated cache)."""
+    if cache is None:
+      return self.logits(self.features(tokens, positions, segment_ids))
+    features, cache = self.cached_features(tokens, positions, segment_ids, cache)
+    return self.logits(features), cache
 
   def features(self, tokens, positions=None, segment_ids=None) -> jax.Array:
     """Final-normed hidden states [B, T, D] in the compute dtype.
@@ -94,23 +108,45 @@ class Transformer(nnx.Module):
     positions default to 0..T-1 and segment_ids to all ones (one unpadded document per
     row). Packed rows restart positions per segment; padding has segment id 0.
     """
-    cfg = self.config
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    x = self.embedder.encode(tokens, jnp.dtype(cfg.dtype))
+    return self._run(tokens, positions, segment_ids, None)[0]
+
+  def cached_features(self, tokens, positions, segment_ids, cache: KVCache
+                      ) -> tuple[jax.Array, KVCache]:
+    """Features of tokens [B, T] written into cache slots index .. index + T - 1.
+
+    The tokens attend to every earlier slot of the same segment (within the window) and to
+    each other; positions are required (they continue each row's sequence), segment_ids
+    default to ones. Returns the features and the cache advanced by T slots.
+    """
+    if positions is None:
+      raise ValueError("cached_features: positions are required with a KV cache")
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    return self._run(tokens, positions, segment_ids, cache.write_slots(positions, segment_ids))
+
+  def _run(self, tokens, positions, segment_ids, cache: KVCache | None):
+    cfg = self.config
+    x = constrain(self.embedder.encode(tokens, jnp.dtype(cfg.dtype)), ACTIVATION_AXES)
     graphdef, weights = nnx.split(self.layers)
 
-    def one_layer(x, per_layer):
-      layer_weights, values = per_layer
-      return nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, **values), None
+    def one_layer(carry, per_layer):
+      (x, cache), (layer_weights, values, layer) = carry, per_layer
+      x, cache = nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, cache, layer,
+                                                    **values)
+      return (constrain(x, ACTIVATION_AXES), cache), None
 
     policy = cfg.remat_policy
     if policy != "none":
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[policy], prevent_cse=False)
-    x, _ = jax.lax.scan(one_layer, x, (weights, layer_values(cfg)))
-    return self.final_norm(x)
+    per_layer = (weights, layer_values(cfg), jnp.arange(cfg.num_layers))
+    (x, cache), _ = jax.lax.scan(one_layer, (x, cache), per_layer)
+    if cache is not None:
+      cache = dataclasses.replace(cache, index=cache.index + tokens.shape[1])
+    return self.final_norm(x), cache
 
   def logits(self, features: jax.Array) -> jax.Array:
     return softcap(self.embedder.decode(features), self.config.final_logits_softcap)

@@ -1,0 +1,301 @@
+"""FastAPI routes: the seed `/score` format, OpenAI-style completions and chat, health.
+
+Every error is JSON `{"error": {"message", "type", "param"}}` where `param` names the bad
+field as a dotted path (e.g. `input_data.parameters.top_p`): 400 for a bad request, 503
+(with Retry-After) when the queue is full, 500 if generation itself fails.
+
+POST /score takes `{"input_data": {"input_string": [...], "parameters": {...}}}` and returns
+`{"output": [prompt + continuation, ...], "details": [{"generated_text", "finish_reason",
+"prompt_tokens", "completion_tokens"}, ...]}`, one entry per input string, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from gemma_jax.sampler import Completion, Delta, SamplingParams
+from gemma_jax.serving.engine import Engine, Job, QueueFull
+
+
+class BadRequest(Exception):
+
+  def __init__(self, param: str, message: str):
+    super().__init__(message)
+    self.param = param
+
+
+def _string_list(value: Any) -> Any:
+  """A string or a list of strings, as a list (anything else fails the list[str] check)."""
+  return [value] if isinstance(value, str) else value
+
+
+def _stop_list(value: Any) -> Any:
+  return [] if value is None else _string_list(value)
+
+
+Strings = Annotated[list[str], BeforeValidator(_string_list)]
+StopStrings = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_stop_list),
+                        Field(max_length=8)]
+Temperature = Annotated[float, Field(ge=0)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=0)]
+NewTokens = Annotated[int, Field(gt=0)]
+Seed = Annotated[int | None, Field(ge=0, lt=2**32)]
+
+
+class Strict(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ScoreParameters(Strict):
+  temperature: Temperature = 1.0
+  top_p: TopP = 1.0
+  top_k: TopK = 0
+  max_new_tokens: NewTokens = 64
+  do_sample: bool = False  # False: greedy whatever the temperature (as in transformers)
+  seed: Seed = None
+  stop: StopStrings = []
+
+
+class ScoreInput(Strict):
+  input_string: Annotated[list[str], Field(min_length=1)]
+  parameters: ScoreParameters = ScoreParameters()
+
+
+class ScoreRequest(Strict):
+  input_data: ScoreInput
+
+
+class OpenAIParams(Strict):
+  model: str | None = None
+  max_tokens: NewTokens = 16
+  temperature: Temperature = 1.0
+  top_p: TopP = 1.0
+  top_k: TopK = 0
+  n: Annotated[int, Field(ge=1, le=1)] = 1
+  stream: bool = False
+  stop: StopStrings = []
+  seed: Seed = None
+  user: str | None = None
+
+
+class CompletionRequest(OpenAIParams):
+  prompt: Annotated[Strings, Field(min_length=1)]
+
+
+class Message(Strict):
+  role: str
+  content: str
+
+
+class ChatRequest(OpenAIParams):
+  messages: Annotated[list[Message], Field(min_length=1)]
+
+
+class Generation:
+  """Request checks and generation for the routes: sampling params, prompts, the engine."""
+
+  def __init__(self, engine: Engine, max_new_tokens_limit: int):
+    self.engine, self.limit = engine, max_new_tokens_limit
+    self.tokenizer = engine.sampler.tokenizer
+    if self.tokenizer is None:
+      raise ValueError("the server needs a tokenizer: the model directory has no "
+                       "tokenizer.model")
+    self.context = engine.sampler.config.max_seq_len
+
+  def max_new(self, body: BaseModel, field: str) -> int:
+    """The requested budget; a default never exceeds the server's limit."""
+    value = getattr(body, field)
+    return value if field in body.model_fields_set else min(value, self.limit)
+
+  def sampling(self, rows: int, max_new: int, temperature: float, top_k: int, top_p: float,
+               seed: int | None, stop: list[str], max_new_field: str) -> list[SamplingParams]:
+    """One SamplingParams per row; rows get consecutive seeds (random when none is given)."""
+    if max_new > self.limit:
+      raise BadRequest(max_new_field, f"must be at most {self.limit}, got {max_new}")
+    seed = secrets.randbelow(2**32) if seed is None else seed
+    return [SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=(seed + i) % 2**32, stop=tuple(stop))
+            for i in range(rows)]
+
+  def openai_sampling(self, body: OpenAIParams, rows: int) -> list[SamplingParams]:
+    return self.sampling(rows, self.max_new(body, "max_tokens"), body.temperature, body.top_k,
+                         body.top_p, body.seed, body.stop, "max_tokens")
+
+  def encode_all(self, texts: list[str], max_new: int, field: str, max_new_field: str
+                 ) -> list[list[int]]:
+    if len(texts) > self.engine.max_batch:
+      raise BadRequest(field, f"at most {self.engine.max_batch} prompts per request, "
+                       f"got {len(texts)}")
+    prompts = [self.tokenizer.encode(text, add_bos=True) for text in texts]
+    for i, ids in enumerate(prompts):
+      self.check_fits(ids, max_new, f"{field}.{i}", max_new_field)
+    return prompts
+
+  def encode_chat(self, messages: list[Message], max_new: int) -> list[int]:
+    try:
+      prompt = self.tokenizer.encode_chat([m.model_dump() for m in messages])
+    except ValueError as e:
+      raise BadRequest("messages", str(e)) from None
+    self.check_fits(prompt, max_new, "messages", "max_tokens")
+    return prompt
+
+  def check_fits(self, prompt: list[int], max_new: int, prompt_field: str,
+                 max_new_field: str) -> None:
+    if len(prompt) >= self.context:
+      raise BadRequest(prompt_field, f"{len(prompt)} tokens: longer than the context of "
+                       f"{self.context} tokens")
+    if len(prompt) + max_new > self.context:
+      raise BadRequest(max_new_field, f"{len(prompt)} prompt tokens + {max_new} new tokens "
+                       f"exceed the context of {self.context} tokens")
+
+  def submit(self, prompts: list[list[int]], params: list[SamplingParams]
+             ) -> AsyncIterator[Delta]:
+    """Queue the request now (so a full queue is a 503, not a broken stream); its deltas."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[Delta | Exception] = asyncio.Queue()
+    put = lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)
+    self.engine.submit(Job(prompts, params, on_delta=put, on_error=put))
+    return _drain(inbox, len(prompts))
+
+  async def complete(self, prompts: list[list[int]], params: list[SamplingParams]
+                     ) -> list[Completion]:
+    done: list[Completion | None] = [None] * len(prompts)
+    async for delta in self.submit(prompts, params):
+      done[delta.row] = delta.completion or done[delta.row]
+    return done
+
+
+def create_app(engine: Engine, *, model_name: str, max_new_tokens_limit: int) -> FastAPI:
+  """The app serving `engine`'s sampler (which must have a tokenizer)."""
+  gen = Generation(engine, max_new_tokens_limit)
+  app = FastAPI(title="gemma-jax", version="0.1.0")
+  _add_error_handlers(app)
+
+  @app.get("/health")
+  async def health() -> dict:
+    return {"status": "ok", "model": model_name, "waiting": engine.waiting,
+            "max_batch": engine.max_batch}
+
+  @app.post("/score")
+  async def score(body: ScoreRequest) -> dict:
+    p, texts = body.input_data.parameters, body.input_data.input_string
+    max_new, field = gen.max_new(p, "max_new_tokens"), "input_data.parameters.max_new_tokens"
+    params = gen.sampling(len(texts), max_new, p.temperature if p.do_sample else 0.0, p.top_k,
+                          p.top_p, p.seed, p.stop, field)
+    rows = await gen.complete(gen.encode_all(texts, max_new, "input_data.input_string", field),
+                              params)
+    return {"output": [s + c.text for s, c in zip(texts, rows)],
+            "details": [{"generated_text": c.text, "finish_reason": c.finish_reason,
+                         "prompt_tokens": len(c.prompt_tokens),
+                         "completion_tokens": len(c.tokens)} for c in rows]}
+
+  @app.post("/v1/completions")
+  async def completions(body: CompletionRequest):
+    params = gen.openai_sampling(body, len(body.prompt))
+    prompts = gen.encode_all(body.prompt, params[0].max_new_tokens, "prompt", "max_tokens")
+    head = _head("cmpl", "text_completion", model_name)
+    if body.stream:
+      chunk = lambda d: {**head, "choices": [{"index": d.row, "text": d.text, "logprobs": None,
+                                              "finish_reason": _reason(d)}]}
+      return _sse(gen.submit(prompts, params), chunk)
+    rows = await gen.complete(prompts, params)
+    return {**head, "choices": [{"index": i, "text": c.text, "logprobs": None,
+                                 "finish_reason": c.finish_reason} for i, c in enumerate(rows)],
+            "usage": _usage(rows)}
+
+  @app.post("/v1/chat/completions")
+  async def chat(body: ChatRequest):
+    params = gen.openai_sampling(body, 1)
+    prompt = gen.encode_chat(body.messages, params[0].max_new_tokens)
+    if body.stream:
+      head = _head("chatcmpl", "chat.completion.chunk", model_name)
+      chunk = lambda d: {**head, "choices": [{
+          "index": 0, "delta": {"role": "assistant", "content": d.text},
+          "finish_reason": _reason(d)}]}
+      return _sse(gen.submit([prompt], params), chunk)
+    rows = await gen.complete([prompt], params)
+    return {**_head("chatcmpl", "chat.completion", model_name),
+            "choices": [{"index": 0, "finish_reason": rows[0].finish_reason,
+                         "message": {"role": "assistant", "content": rows[0].text}}],
+            "usage": _usage(rows)}
+
+  return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    error = exc.errors()[0]
+    param = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+    return _error(400, "invalid_request_error", f"{param}: {error['msg']}", param)
+
+  @app.exception_handler(BadRequest)
+  async def bad(_: Request, exc: BadRequest) -> JSONResponse:
+    return _error(400, "invalid_request_error", f"{exc.param}: {exc}", exc.param)
+
+  @app.exception_handler(QueueFull)
+  async def busy(_: Request, exc: QueueFull) -> JSONResponse:
+    return _error(503, "server_busy", f"server busy: {exc}; retry later", None,
+                  {"Retry-After": "1"})
+
+  @app.exception_handler(Exception)
+  async def failed(_: Request, exc: Exception) -> JSONResponse:
+    return _error(500, "server_error", f"generation failed: {exc}", None)
+
+
+def _head(prefix: str, kind: str, model_name: str) -> dict:
+  return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+          "model": model_name}
+
+
+async def _drain(inbox: asyncio.Queue, rows: int) -> AsyncIterator[Delta]:
+  while rows:
+    item = await inbox.get()
+    if isinstance(item, Exception):
+      raise item
+    rows -= item.completion is not None
+    yield item
+
+
+def _reason(delta: Delta) -> str | None:
+  return None if delta.completion is None else delta.completion.finish_reason
+
+
+def _usage(rows: list[Completion]) -> dict:
+  prompt = sum(len(c.prompt_tokens) for c in rows)
+  completion = sum(len(c.tokens) for c in rows)
+  return {"prompt_tokens": prompt, "completion_tokens": completion,
+          "total_tokens": prompt + completion}
+
+
+def _sse(deltas: AsyncIterator[Delta], chunk) -> StreamingResponse:
+  """Server-sent events: one `data: {json}` per delta, then `data: [DONE]`."""
+
+  async def events() -> AsyncIterator[str]:
+    try:
+      async for delta in deltas:
+        yield f"data: {json.dumps(chunk(delta))}\n\n"
+    except Exception as e:  # headers are sent: report in-band
+      yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+    yield "data: [DONE]\n\n"
+
+  return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _error(status: int, kind: str, message: str, param: str | None,
+           headers: dict | None = None) -> JSONResponse:
+  return JSONResponse({"error": {"message": message, "type": kind, "param": param}},
+                      status_code=status, headers=headers)

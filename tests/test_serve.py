@@ -1,0 +1,291 @@
+"""The HTTP server end to end over real sockets on 127.0.0.1, with a tiny model."""
+
+import concurrent.futures
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from gemma_jax.checkpoint import save_model_dir
+from gemma_jax.config import get_config
+from gemma_jax.model import init_model
+from gemma_jax.sampler import SamplingParams
+from gemma_jax.serve import build_app
+from gemma_jax.serving.api import create_app
+from gemma_jax.serving.engine import Engine
+from gemma_jax.tokenizer import train_sentencepiece
+
+CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
+TIMEOUT = 60
+# Prompts of 9-16 tokens and budgets up to 8 share one compiled shape (see sampler.bucket).
+LONG_PROMPT = "The baker kneads the dough"
+SEED_BODY = {"input_data": {"input_string": ["how does brain work?"], "parameters": {
+    "temperature": 0.5, "top_p": 0.5, "max_new_tokens": 100, "do_sample": True}}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("serve")
+  spm = train_sentencepiece([CORPUS], tmp / "spm", 512)
+  cfg = get_config("tiny_gemma1", dtype="float32")  # max_seq_len 256
+  return save_model_dir(tmp / "model", cfg, init_model(cfg, seed=2), tokenizer_model=spm)
+
+
+@contextlib.contextmanager
+def serving(app, engine):
+  """Run app with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  engine.start()
+  thread.start()
+  deadline = time.monotonic() + TIMEOUT
+  while not server.started:
+    assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+    time.sleep(0.02)
+  port = server.servers[0].sockets[0].getsockname()[1]
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    server.should_exit = True
+    thread.join(TIMEOUT)
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+  app, engine = build_app(str(model_dir), max_batch=16, batch_wait_ms=50,
+                          max_new_tokens_limit=200)
+  with serving(app, engine) as url:
+    yield url, engine
+
+
+def request(url, body=None, raw: bytes | None = None):
+  """(status, parsed JSON) of a GET (no body) or POST."""
+  data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+  req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def events(url, body):
+  """The parsed `data:` events of a streamed POST; the last must be [DONE]."""
+  req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(req, timeout=TIMEOUT) as response:
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    data = [line[6:] for line in response.read().decode().splitlines()
+            if line.startswith("data: ")]
+  assert data[-1] == "[DONE]"
+  return [json.loads(d) for d in data[:-1]]
+
+
+def greedy(engine, prompt, n):
+  """What the sampler itself generates greedily for a prompt (text or token ids)."""
+  return engine.sampler.generate([prompt], SamplingParams(max_new_tokens=n))[0]
+
+
+def test_health(server):
+  url, _ = server
+  status, body = request(f"{url}/health")
+  assert status == 200 and body["status"] == "ok" and body["model"] == "tiny_gemma1"
+
+
+def test_score_seed_format(server):
+  url, engine = server
+  status, body = request(f"{url}/score", SEED_BODY)
+  assert status == 200
+  (text,), (detail,) = body["output"], body["details"]
+  assert text == "how does brain work?" + detail["generated_text"]
+  assert detail["finish_reason"] in ("stop", "length") and 0 < detail["completion_tokens"] <= 100
+  greedy_body = {"input_data": {"input_string": ["how does brain work?", "bread"],
+                                "parameters": {"max_new_tokens": 7, "do_sample": False}}}
+  status, body = request(f"{url}/score", greedy_body)
+  assert status == 200
+  assert body["output"] == [s + greedy(engine, s, 7).text for s in ("how does brain work?",
+                                                                     "bread")]
+
+
+def test_openai_completions(server):
+  url, engine = server
+  status, body = request(f"{url}/v1/completions",
+                         {"prompt": [LONG_PROMPT, "Yeast"], "max_tokens": 6, "temperature": 0})
+  assert status == 200 and body["object"] == "text_completion"
+  assert [c["text"] for c in body["choices"]] == [greedy(engine, LONG_PROMPT, 6).text,
+                                                  greedy(engine, "Yeast", 6).text]
+  assert body["usage"]["total_tokens"] == (body["usage"]["prompt_tokens"]
+                                           + body["usage"]["completion_tokens"])
+  hot = {"prompt": LONG_PROMPT, "max_tokens": 6, "seed": 11, "top_k": 40}
+  texts = [request(f"{url}/v1/completions", hot)[1]["choices"][0]["text"] for _ in range(2)]
+  assert texts[0] == texts[1]
+
+
+def test_openai_chat_completions(server):
+  url, engine = server
+  messages = [{"role": "user", "content": "Hi"}]
+  status, body = request(f"{url}/v1/chat/completions",
+                         {"messages": messages, "max_tokens": 6, "temperature": 0})
+  assert status == 200 and body["object"] == "chat.completion"
+  want = greedy(engine, engine.sampler.tokenizer.encode_chat(messages), 6)
+  assert body["choices"][0]["message"] == {"role": "assistant", "content": want.text}
+  assert body["choices"][0]["finish_reason"] == want.finish_reason
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 7, "seed": 5}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 7, "seed": 5}),
+])
+def test_streaming_adds_up_to_the_plain_response(server, route, body):
+  url, _ = server
+  chunks = events(f"{url}{route}", {**body, "stream": True})
+  status, plain = request(f"{url}{route}", body)
+  assert status == 200 and len(chunks) >= 2
+  pieces = [c["choices"][0].get("text", c["choices"][0].get("delta", {}).get("content"))
+            for c in chunks]
+  whole = plain["choices"][0].get("text", plain["choices"][0].get("message", {}).get("content"))
+  assert "".join(pieces) == whole
+  assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == plain["choices"][0][
+      "finish_reason"]
+  assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+LONG = "bread " * 300  # well over the 256-token context
+SCORE = lambda **p: {"input_data": {"input_string": ["hi"], "parameters": p}}
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/score", {}, "input_data"),
+    ("/score", {"input_data": {"parameters": {}}}, "input_data.input_string"),
+    ("/score", {"input_data": {"input_string": "hi"}}, "input_data.input_string"),
+    ("/score", SCORE(temperature=-0.5), "input_data.parameters.temperature"),
+    ("/score", SCORE(temperature="hot"), "input_data.parameters.temperature"),
+    ("/score", SCORE(top_p=0), "input_data.parameters.top_p"),
+    ("/score", SCORE(top_p=1.5), "input_data.parameters.top_p"),
+    ("/score", SCORE(max_new_tokens=0), "input_data.parameters.max_new_tokens"),
+    ("/score", SCORE(max_new_tokens=201), "input_data.parameters.max_new_tokens"),
+    ("/score", SCORE(do_sample="yes"), "input_data.parameters.do_sample"),
+    ("/score", {"input_data": {"input_string": [LONG]}}, "input_data.input_string.0"),
+    ("/score", {"input_data": {"input_string": ["hi"] * 17}}, "input_data.input_string"),
+    ("/v1/completions", {"max_tokens": 5}, "prompt"),
+    ("/v1/completions", {"prompt": 7}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi " * 60, "max_tokens": 200}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": 1},
+     "stream"),
+])
+def test_bad_requests_name_the_field(server, route, body, param):
+  url, _ = server
+  status, error = request(f"{url}{route}", body)
+  assert status == 400, error
+  assert error["error"]["param"] == param and error["error"]["message"].startswith(param)
+
+
+def test_malformed_json_is_a_400(server):
+  url, _ = server
+  status, error = request(f"{url}/score", raw=b"{not json")
+  assert status == 400 and error["error"]["type"] == "invalid_request_error"
+
+
+def test_16_concurrent_clients_are_batched_and_answered(server):
+  url, engine = server
+  batches = []
+  stream = engine.sampler.stream
+
+  def counting_stream(prompts, params):
+    batches.append(len(prompts))
+    return stream(prompts, params)
+
+  engine.sampler.stream = counting_stream
+  prompts = [f"Client {i} asks" for i in range(16)]
+  start = threading.Barrier(16)
+
+  def client(prompt):
+    start.wait(TIMEOUT)
+    return request(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": 5,
+                                             "temperature": 0})
+
+  try:
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      results = list(pool.map(client, prompts, timeout=3 * TIMEOUT))
+  finally:
+    del engine.sampler.stream
+  assert [status for status, _ in results] == [200] * 16
+  assert [body["choices"][0]["text"] for _, body in results] == [
+      c.text for c in engine.sampler.generate(prompts, SamplingParams(max_new_tokens=5))]
+  assert sum(batches) == 16 and max(batches) > 1
+
+
+class GatedSampler:
+  """The real sampler, but each generation waits until the test opens the gate."""
+
+  def __init__(self, sampler):
+    self.sampler, self.entered, self.gate = sampler, threading.Event(), threading.Event()
+
+  def __getattr__(self, name):
+    return getattr(self.sampler, name)
+
+  def stream(self, prompts, params):
+    self.entered.set()
+    assert self.gate.wait(TIMEOUT)
+    yield from self.sampler.stream(prompts, params)
+
+
+def test_full_queue_gets_503(server):
+  _, shared = server
+  gated = GatedSampler(shared.sampler)
+  engine = Engine(gated, max_batch=1, max_queue=1, batch_wait_s=0)
+  app = create_app(engine, model_name="tiny", max_new_tokens_limit=16)
+  body = {"prompt": LONG_PROMPT, "max_tokens": 3, "temperature": 0}
+  with serving(app, engine) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    try:
+      running = pool.submit(request, f"{url}/v1/completions", body)
+      assert gated.entered.wait(TIMEOUT)  # the worker holds the first request
+      waiting = pool.submit(request, f"{url}/v1/completions", body)
+      deadline = time.monotonic() + TIMEOUT
+      while request(f"{url}/health")[1]["waiting"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+      for route, full in [("/v1/completions", body),
+                          ("/v1/completions", {**body, "stream": True}),
+                          ("/score", {"input_data": {"input_string": ["hi"]}})]:
+        status, error = request(f"{url}{route}", full)
+        assert status == 503 and error["error"]["type"] == "server_busy", error
+    finally:
+      gated.gate.set()
+    assert running.result(TIMEOUT)[0] == 200 and waiting.result(TIMEOUT)[0] == 200
+
+
+def test_serve_command_binds_loopback_by_default(model_dir):
+  """`python -m gemma_jax.serve` on a model directory: 127.0.0.1, answers /health."""
+  proc = subprocess.Popen([sys.executable, "-m", "gemma_jax.serve", "--checkpoint",
+                           str(model_dir), "--port", "0"], stderr=subprocess.PIPE, text=True)
+  lines = []
+  threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while not (match := re.search(r"Uvicorn running on http://([\d.]+):(\d+)", "".join(lines))):
+      assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+      time.sleep(0.05)
+    assert match[1] == "127.0.0.1"
+    status, body = request(f"http://127.0.0.1:{match[2]}/health")
+    assert status == 200 and body["status"] == "ok"
+  finally:
+    proc.terminate()
+    proc.wait(TIMEOUT)
