@@ -26,6 +26,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from configs.base import model_config  # noqa: E402
 from gemma_jax import flops, sharding  # noqa: E402
+from gemma_jax.metrics import PEAK_FLOPS  # noqa: E402
 from gemma_jax.model import abstract_model, param_count  # noqa: E402
 from gemma_jax.optim import make_optimizer  # noqa: E402
 from gemma_jax.train_step import (BATCH_KEYS, abstract_train_state, jit_train_step,  # noqa: E402
@@ -34,8 +35,7 @@ from gemma_jax.train_step import (BATCH_KEYS, abstract_train_state, jit_train_st
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU topology, e.g. v5e:16x16")
 
-# Per chip, by the device_kind libtpu reports: peak dense bf16 FLOP/s, ICI bytes/s.
-PEAK_FLOPS = {"TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v4": 275e12, "TPU v6 lite": 918e12}
+# ICI bytes/s per chip, by the device_kind libtpu reports (peak FLOP/s: gemma_jax.metrics).
 ICI_BYTES_PER_S = {"TPU v5 lite": 200e9, "TPU v5": 600e9, "TPU v4": 300e9, "TPU v6 lite": 448e9}
 
 
