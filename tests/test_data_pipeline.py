@@ -12,17 +12,11 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 from gemma_jax.data import default_config, make_dataset, make_iterator
-from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "tokenizer_corpus.txt"
 BOS, EOS = 2, 1
 KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_weights")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-  return Tokenizer(train_sentencepiece(CORPUS, tmp_path_factory.mktemp("spm") / "t", 1000))
 
 
 def config(sources, **overrides):

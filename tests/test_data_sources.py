@@ -12,16 +12,10 @@ from jax.sharding import AxisType
 
 from gemma_jax.data import BadRecordError, default_config, make_dataset, make_iterator
 from gemma_jax.data.to_array_record import convert
-from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "tokenizer_corpus.txt"
 ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-  return Tokenizer(train_sentencepiece(CORPUS, tmp_path_factory.mktemp("spm") / "t", 1000))
 
 
 def config(sources, **overrides):
