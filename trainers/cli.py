@@ -3,6 +3,9 @@
   python -m trainers.<name> --config configs/FILE.py [--config.a.b=value ...] --workdir DIR
       [--distributed]
 
+Multi-host: every host runs the same command; --distributed (TPU VM pods) or the environment
+that launch.local sets makes them one job (gemma_jax.distributed).
+
 Overrides are parsed by ml_collections' config_flags against the locked config, so a
 misspelt key or a value of the wrong type fails before anything starts; so does any value
 `configs.base.validate` rejects. Errors print one line naming the key and exit with status 2.
@@ -15,12 +18,12 @@ import logging
 import runpy
 import sys
 
-import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
 from configs.base import ConfigError
+from gemma_jax import distributed as distributed_init
 from trainers import loop
 
 
@@ -31,8 +34,10 @@ def parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, str, bool]:
                                   flag_values=fv, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, config.json",
                       flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host "
-                    "TPU/GPU jobs; the cluster is auto-detected)", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "join a multi-host job first: the cluster is "
+                    "auto-detected (TPU VM pods, Slurm, Open MPI); without the flag, the "
+                    "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment "
+                    "(launch.local) still joins one", flag_values=fv)
   if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
     raise ConfigError("--config is required, e.g. --config configs/tiny.py")
   try:
@@ -73,11 +78,14 @@ def main(task: loop.Task, argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   try:
     config, workdir, distributed = parse(argv)
-    if distributed:
-      jax.distributed.initialize()
+    # Before anything touches a device: every host of a pod runs this same command.
+    distributed_init.initialize(auto=distributed)
     summary = loop.run(config, workdir, task)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
+    return 2
+  except distributed_init.DistributedError as e:
+    print(f"distributed error: {e}", file=sys.stderr)
     return 2
   done = {k: summary[k] for k in ("step", "loss", "eval_loss", "stopped_by") if k in summary}
   print(f"{task.name} done: {done}", flush=True)
