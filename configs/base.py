@@ -2,8 +2,9 @@
 from `get_config()` and override values; the config is locked, so a misspelt key fails.
 
 Sections: model, mesh, sharding, train, optimizer, data, tokenizer, eval, checkpoint, logging,
-init_from. Every ModelConfig field can be overridden under `model` (None = the preset's value),
-e.g. `--config.model.remat_policy=full`. `data.seq_len` and `data.batch_size` are linked to
+init_from, lora, samples, reward and rlhf (the last two read only by those trainers). Every
+ModelConfig field can be overridden under `model` (None = the preset's value), e.g.
+`--config.model.remat_policy=full`. `data.seq_len` and `data.batch_size` are linked to
 `train.seq_len` and `train.global_batch_size`: setting either side sets both.
 `validate(config, num_devices)` checks values and combinations, naming the key at fault.
 """
@@ -24,6 +25,7 @@ from gemma_jax.optim import make_optimizer
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 NON_FINITE = ("skip", "stop")
+RLHF_TRUNCATED = ("keep", "zero", "penalty")  # gemma_jax.rl.TRUNCATED_MODES
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,35 @@ def get_config() -> ml_collections.ConfigDict:
   # A model directory (gemma_jax.checkpoint.save_model_dir / convert) whose params start the
   # run instead of a random init; unused once the workdir holds a checkpoint.
   c.init_from = ""
+  # LoRA / QLoRA (gemma_jax.lora); rank 0 = full training. With rank > 0 only the adapters
+  # are trained and hold optimizer state; the base (init_from, else the random init) is frozen
+  # and, with quantize, stored block-quantized and dequantized in the matmuls.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0,
+      targets=("q_einsum", "kv_einsum", "attn_vec_einsum", "gating_einsum", "linear"),
+      quantize="",       # "" | "int8" | "int4" | "nf4"
+      block_size=64))    # weights per quantization scale
+  # Sample generations from the current weights, logged to the console and
+  # WORKDIR/samples.jsonl every `every` steps (and at the end); 0 = never.
+  c.samples = ml_collections.ConfigDict(dict(
+      every=0, prompts=(), max_new_tokens=32, temperature=0.0,
+      chat=True))        # wrap each prompt as a user turn of the chat template
+  # python -m trainers.reward: Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).
+  c.reward = ml_collections.ConfigDict(dict(margin=0.0))
+  # python -m trainers.rlhf (REINFORCE with a leave-one-out baseline; see gemma_jax/rl.py).
+  # data.batch_size prompts per step, k completions each; data.seq_len is the prompt buffer.
+  c.rlhf = ml_collections.ConfigDict(dict(
+      k=4,                  # completions per prompt (the RLOO group; >= 2)
+      max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
+      stop=(),              # stop strings besides the stop tokens (EOS, <end_of_turn>)
+      beta=0.05,            # KL penalty: R = r - beta * sum_t (log pi - log pi_ref)
+      reward_fn="",         # "module:function(prompts, completions, **fields) -> floats" ...
+      reward_model="",      # ... or a reward-trainer workdir (exactly one of the two)
+      reward_clip=0.0,      # > 0: scores clipped to [-reward_clip, reward_clip]
+      truncated="keep",     # completions that hit max_new_tokens: keep | zero | penalty
+      truncated_penalty=1.0,  # subtracted from their score with truncated="penalty"
+      whiten_advantages=False,
+      samples_logged=4))    # completions printed and written to rollouts.jsonl per log step
   c.lock()
   return c
 
@@ -128,10 +159,59 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
   _at_least(c.checkpoint, "checkpoint", every=1, keep=1, keep_every=0)
   _at_least(c.logging, "logging", every=1)
   _at_least(c.eval, "eval", every=0, batches=1)
+  _check_reward_and_rlhf(c)
+  _check_lora_and_samples(c)
   if c.init_from and not os.path.isfile(os.path.join(c.init_from, "config.json")):
     raise ConfigError(f"config.init_from={c.init_from!r} is not a model directory "
                       "(no config.json)")
   return cfg
+
+
+def _check_lora_and_samples(c) -> None:
+  from gemma_jax.lora import LoRAConfig  # local: the model code is not needed otherwise
+
+  if c.lora.rank < 0:
+    raise ConfigError(f"config.lora.rank={c.lora.rank} must be >= 0 (0 = full training)")
+  if not c.lora.rank and c.lora.quantize:
+    raise ConfigError(f"config.lora.quantize={c.lora.quantize!r} needs config.lora.rank > 0: "
+                      "a quantized base can only be trained through adapters")
+  try:
+    LoRAConfig.from_config(c.lora)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from e
+  s = c.samples
+  _at_least(s, "samples", every=0, max_new_tokens=1)
+  if s.temperature < 0:
+    raise ConfigError(f"config.samples.temperature={s.temperature} must be >= 0")
+  if not all(isinstance(p, str) and p for p in s.prompts):
+    raise ConfigError(f"config.samples.prompts={s.prompts!r} must hold non-empty strings")
+  if s.every and not s.prompts:
+    raise ConfigError(f"config.samples.every={s.every} needs config.samples.prompts")
+
+
+def _check_reward_and_rlhf(c) -> None:
+  """Value ranges only; what needs the job (a reward source, prompt + completion length)
+  is checked by trainers/rlhf.py at start-up."""
+  if c.reward.margin < 0:
+    raise ConfigError(f"config.reward.margin={c.reward.margin} must be >= 0")
+  r = c.rlhf
+  _at_least(r, "rlhf", k=2, max_new_tokens=1, top_k=0, samples_logged=0)
+  if not r.temperature > 0:
+    raise ConfigError(f"config.rlhf.temperature={r.temperature} must be > 0 (RLOO needs "
+                      "different completions of a prompt)")
+  if not 0 < r.top_p <= 1:
+    raise ConfigError(f"config.rlhf.top_p={r.top_p} must be in (0, 1]")
+  for key in ("beta", "reward_clip", "truncated_penalty"):
+    if r[key] < 0:
+      raise ConfigError(f"config.rlhf.{key}={r[key]} must be >= 0")
+  if r.truncated not in RLHF_TRUNCATED:
+    raise ConfigError(f"config.rlhf.truncated={r.truncated!r}; choose one of {RLHF_TRUNCATED}")
+  if not all(isinstance(s, str) and s for s in r.stop):
+    raise ConfigError(f"config.rlhf.stop={r.stop!r} must hold non-empty strings")
+  if r.reward_fn and r.reward_model:
+    raise ConfigError("config.rlhf: set only one of reward_fn or reward_model")
+  if r.reward_fn and r.reward_fn.count(":") != 1:
+    raise ConfigError(f"config.rlhf.reward_fn={r.reward_fn!r} must be 'module:function'")
 
 
 def _check_schema(c, schema, where: str) -> None:

@@ -14,12 +14,19 @@ CORPUS = str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" /
              "tokenizer_corpus.txt")
 
 
-def get_config():
+def tiny_base():
+  """base.get_config() with the tiny Gemma 3 in float32 and a 512-piece tokenizer trained on
+  the shipped corpus at start-up: the start of every CPU demo config."""
   c = base.get_config()
   c.model.preset = "tiny_gemma3"
   c.model.dtype = "float32"
   c.tokenizer.train_corpus = CORPUS
   c.tokenizer.vocab_size = 512
+  return c
+
+
+def get_config():
+  c = tiny_base()
   c.data.sources = ({"path": CORPUS},)
   c.train.update(steps=300, global_batch_size=8, seq_len=128)
   c.optimizer.update(learning_rate=3e-3, warmup_steps=20)

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from gemma_jax import distributed
 from gemma_jax.config import ModelConfig
 from gemma_jax.model import Transformer, abstract_model
 
@@ -87,10 +88,15 @@ def load_model_dir(directory: str | os.PathLike, shardings=None,
   array is restored straight into its shards. config_overrides change numerics only (e.g.
   dtype='float32', param_dtype='bfloat16'); shapes must match the saved ones.
   A trainer workdir (no params/, a checkpoints/ folder) loads its newest checkpoint's params
-  (load_trainer_checkpoint).
+  (load_trainer_checkpoint); a LoRA run's workdir (lora.json) its base with the newest
+  adapters (gemma_jax.lora.load; unsharded).
   """
   directory = Path(directory).absolute()
   if not (directory / PARAMS_DIR).exists() and (directory / TRAIN_CHECKPOINT_DIR).is_dir():
+    if (directory / "lora.json").is_file():  # a LoRA run: its base plus the adapters
+      from gemma_jax import lora  # local: gemma_jax.lora imports this module
+
+      return lora.load(directory, **config_overrides)
     return load_trainer_checkpoint(directory, shardings=shardings, **config_overrides)
   cfg = load_config(directory, **config_overrides)
   model = abstract_model(cfg)
@@ -170,15 +176,21 @@ class TrainCheckpointer:
     return {"params": out["params"], "opt_state": out["opt_state"], **out["meta"]}
 
   def restore_latest(self, abstract_state: dict, data_iterator=None) -> dict | None:
-    """The newest step that restores, or None when there is no checkpoint."""
+    """The newest step that restores, or None when there is no checkpoint. With several
+    processes a step counts only if it restores on every one (e.g. each reads its own data
+    state), so all fall back to the same older step together."""
     errors = []
     for step in reversed(self.steps()):
       try:
-        return self.restore(step, abstract_state, data_iterator)
+        state, error = self.restore(step, abstract_state, data_iterator), None
       except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
-        log.warning("checkpoint %s/%d does not restore (%s: %s); trying an older one",
-                    self.directory, step, type(e).__name__, e)
-        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        state, error = None, f"{type(e).__name__}: {e}"
+      if distributed.all_true(error is None):
+        return state
+      error = error or "it does not restore on another process"
+      log.warning("checkpoint %s/%d does not restore (%s); trying an older one",
+                  self.directory, step, error)
+      errors.append(f"step {step}: {error}")
     if errors:
       raise ValueError(f"{self.directory}: no checkpoint restores:\n" + "\n".join(errors))
     return None
@@ -204,23 +216,30 @@ def load_trainer_checkpoint(workdir: str | os.PathLike, step: int | None = None,
   """
   workdir = Path(workdir).absolute()
   cfg = load_config(workdir, **config_overrides)
-  manager = ocp.CheckpointManager(workdir / TRAIN_CHECKPOINT_DIR,
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  abstract.replace_by_pure_dict(restore_train_params(workdir, abstract.to_pure_dict(),
+                                                     shardings, step))
+  tokenizer = workdir / TOKENIZER_FILE
+  return cfg, nnx.merge(graphdef, abstract), tokenizer if tokenizer.is_file() else None
+
+
+def restore_train_params(workdir: str | os.PathLike, abstract: dict, shardings=None,
+                         step: int | None = None) -> dict:
+  """The `params` entry of a trainer workdir's checkpoint `step` (default: the newest),
+  restored into the shapes of `abstract` with `shardings` (default: all on one device)."""
+  directory = Path(workdir).absolute() / TRAIN_CHECKPOINT_DIR
+  manager = ocp.CheckpointManager(directory,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps())
   if not steps:
-    raise FileNotFoundError(f"{workdir / TRAIN_CHECKPOINT_DIR}: no checkpoint")
+    raise FileNotFoundError(f"{directory}: no checkpoint")
   step = steps[-1] if step is None else step
   if step not in steps:
-    raise ValueError(f"{workdir / TRAIN_CHECKPOINT_DIR}: no step {step}; steps: {steps}")
-  graphdef, abstract = nnx.split(abstract_model(cfg))
-  target = abstract.to_pure_dict()
+    raise ValueError(f"{directory}: no step {step}; steps: {steps}")
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, target)
+    shardings = jax.tree.map(lambda _: device, abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        target, shardings)
-  params = manager.restore(step, args=ocp.args.Composite(
+                        abstract, shardings)
+  return manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(target)))["params"]
-  abstract.replace_by_pure_dict(params)
-  tokenizer = workdir / TOKENIZER_FILE
-  return cfg, nnx.merge(graphdef, abstract), tokenizer if tokenizer.is_file() else None

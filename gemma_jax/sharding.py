@@ -31,6 +31,13 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "layers": (),
+    # LoRA adapters (gemma_jax.lora): the rank dimension is small and kept whole; a factor
+    # without an embed dimension shards its other dimensions over fsdp as well (ZeRO-3).
+    "lora_rank": (),
+    "lora_mlp": ("tensor", "fsdp"),
+    "lora_heads": ("tensor", "fsdp"),
+    "lora_kv_heads": ("tensor", "fsdp"),
+    "lora_head_dim": ("fsdp",),
     # activations
     "batch": ("data", "fsdp"),
     "length": (),
@@ -80,14 +87,16 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
 
 
 def _hybrid_grid(ici_shape, dcn_shape, devices) -> np.ndarray:
-  """Slices along DCN, chips within a slice along ICI. Devices without a slice index (CPU
-  emulation) treat each process as a slice, or, in one process, consecutive device blocks."""
+  """Slices along DCN, chips within a slice along ICI. CPU devices have no real slices (one
+  process: no slice index; several, under launch.local: all in slice 0), so emulation treats
+  each process as a slice, or, in one process, consecutive device blocks."""
+  emulated = devices[0].platform == "cpu" or not hasattr(devices[0], "slice_index")
+  by_process = emulated and len({d.process_index for d in devices}) > 1
   try:
-    return mesh_utils.create_hybrid_device_mesh(
-        ici_shape, dcn_shape, devices,
-        process_is_granule=not hasattr(devices[0], "slice_index"))
-  except ValueError:
-    if hasattr(devices[0], "slice_index"):
+    return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                process_is_granule=by_process)
+  except (ValueError, NotImplementedError, AssertionError):
+    if not emulated:
       raise
     grid = np.asarray(devices).reshape(*dcn_shape, *ici_shape)
     n = len(MESH_AXES)

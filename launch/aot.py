@@ -20,17 +20,17 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: al
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.base import model_config  # noqa: E402
 from gemma_jax import flops, sharding  # noqa: E402
+from gemma_jax.lora import LoRAConfig  # noqa: E402
 from gemma_jax.metrics import PEAK_FLOPS  # noqa: E402
-from gemma_jax.model import abstract_model, param_count  # noqa: E402
+from gemma_jax.model import param_count  # noqa: E402
 from gemma_jax.optim import make_optimizer  # noqa: E402
 from gemma_jax.train_step import (BATCH_KEYS, abstract_train_state, jit_train_step,  # noqa: E402
-                                  lm_loss, make_train_step)
+                                  lm_loss, make_train_step, model_graphdef)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU topology, e.g. v5e:16x16")
@@ -56,12 +56,15 @@ def roofline_seconds(model_flops_per_chip: float, param_bytes: int, fsdp: int, r
 
 
 def compile_train_step(config, devices):
-  """Lower + compile the train step for `devices`; returns (compiled, mesh, cfg, seconds)."""
+  """Lower + compile the train step for `devices`; returns (compiled, mesh, cfg, seconds,
+  abstract train state). config.lora.rank > 0 compiles the LoRA / QLoRA step."""
   cfg = model_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   optimizer, schedule = make_optimizer(config.optimizer, config.train.steps)
-  state = abstract_train_state(cfg, optimizer, mesh)
-  sharding.check_replication(state["params"], jax.tree.map(lambda a: a.sharding, state["params"]),
+  lora = LoRAConfig.from_config(config.lora)  # None: full training
+  state = abstract_train_state(cfg, optimizer, mesh, lora=lora)
+  weights = state["frozen"] if lora is not None else state["params"]  # as trainers/loop.py
+  sharding.check_replication(weights, jax.tree.map(lambda a: a.sharding, weights),
                              config.sharding.max_replicated_fraction)
   batch_size, seq_len = config.train.global_batch_size, config.train.seq_len
   batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len),
@@ -69,18 +72,42 @@ def compile_train_step(config, devices):
                                    sharding=sharding.batch_sharding(mesh)) for k in BATCH_KEYS}
   loss_fn = lambda model, b, rng: lm_loss(model, b, rng, z_loss=config.train.z_loss, mesh=mesh,
                                           chunk_size=config.train.loss_chunk_size)
-  graphdef = nnx.split(abstract_model(cfg))[0]
+  graphdef = model_graphdef(cfg, lora=lora)
   step = make_train_step(graphdef, optimizer, loss_fn, schedule, config.train.microbatches)
   shardings = jax.tree.map(lambda a: a.sharding, state)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = jit_train_step(step, shardings, mesh).lower(state, batch).compile()
-  return compiled, mesh, cfg, time.perf_counter() - start
+  return compiled, mesh, cfg, time.perf_counter() - start, state
+
+
+def state_bytes_per_chip(state: dict) -> dict[str, int]:
+  """Bytes of each train-state entry held by one chip (its shard of every array)."""
+  def per_chip(tree) -> int:
+    total = 0
+    for a in jax.tree.leaves(tree):
+      shard = a.sharding.shard_shape(a.shape)
+      n = 1
+      for d in shard:
+        n *= d
+      total += n * jnp.dtype(a.dtype).itemsize
+    return total
+  return {k: per_chip(v) for k, v in state.items() if k in ("params", "frozen", "opt_state")}
+
+
+def topology_devices(topology: str) -> list:
+  """The devices of a TPU topology description. A single chip ("v5e:1x1", which libtpu's
+  default host bounds of 2x2 refuse) is the first chip of the 2x2 description."""
+  kind, _, shape = topology.partition(":")
+  if shape in ("1x1", "1x1x1"):
+    single = f"{kind}:{'2x2' if shape == '1x1' else '2x2x1'}"
+    return topologies.get_topology_desc(platform="tpu", topology_name=single).devices[:1]
+  return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
 
 
 def report(config, topology: str) -> dict:
-  devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-  compiled, mesh, cfg, seconds = compile_train_step(config, devices)
+  devices = topology_devices(topology)
+  compiled, mesh, cfg, seconds, state = compile_train_step(config, devices)
   mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   tokens = config.train.global_batch_size * config.train.seq_len
@@ -98,6 +125,8 @@ def report(config, topology: str) -> dict:
                          "output": mem.output_size_in_bytes, "alias": mem.alias_size_in_bytes,
                          "peak": peak_bytes},
       "per_chip_gib": round(peak_bytes / 2**30, 2),
+      "state_bytes_per_chip": state_bytes_per_chip(state),
+      "lora": config.lora.to_dict() if config.lora.rank else None,
       # XLA's cost model; a scanned loop body (one layer) is counted once.
       "xla_flops_per_chip": float(cost["flops"]),
       "xla_optimal_seconds": float(cost["optimal_seconds"]),

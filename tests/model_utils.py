@@ -1,6 +1,7 @@
 """Shared helpers for model tests: tiny models with every weight (norms included) random."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,3 +24,19 @@ def random_model(name: str, seed: int = 0, **overrides):
 def random_tokens(cfg, shape, seed=0) -> np.ndarray:
   # Ids from 4 up: avoid PAD/EOS/BOS/UNK so every token is ordinary text.
   return np.random.default_rng(seed).integers(4, cfg.vocab_size, size=shape).astype(np.int32)
+
+
+@nnx.jit
+def logits_of(model, tokens):
+  return model(tokens)
+
+
+def greedy_reference(model, prompt: list[int], steps: int, width: int = 12) -> list[int]:
+  """Greedy continuation by full forward passes over a fixed-width row (causal: the padding
+  after the real tokens changes nothing before it), so one compilation serves every step."""
+  ids = list(prompt)
+  for _ in range(steps):
+    row = np.zeros((1, width), np.int32)
+    row[0, :len(ids)] = ids
+    ids.append(int(np.argmax(logits_of(model, jnp.asarray(row))[0, len(ids) - 1])))
+  return ids[len(prompt):]

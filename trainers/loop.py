@@ -3,9 +3,14 @@ eval every N steps -> checkpoint every N steps, at the end and on SIGTERM.
 
 Trainers differ only by a `Task`; pretraining is `Task("pretrain", "pretrain", lm loss)`.
 The extension points, and what the planned trainers put there:
-  make_loss(config, mesh) -> loss_fn(model, batch, rng) -> (sum, weight)
+  make_loss(config, mesh) -> loss_fn(model, batch, rng) -> (sum, weight) [, extras]
       pretrain and SFT: lm_loss (chat batches weight only model turns); reward model / DPO:
-      a pairwise loss over the chosen_/rejected_ halves of preference batches.
+      a pairwise loss over the chosen_/rejected_ halves of preference batches. extras: a
+      dict of further sums (e.g. correct pairs), reported divided by weight (eval: eval_*).
+  make_model(model_config, seed) -> nnx.Module
+      what the state's params are (default: a Transformer; the reward model adds a value
+      head). With config.init_from, a model directory's params fill the paths they share
+      with it; the rest keep their fresh init.
   data_format, batch_keys
       the config.data.format the task reads and the batch entries its step takes.
   setup(trainer)
@@ -14,6 +19,7 @@ The extension points, and what the planned trainers put there:
   prepare_batch(trainer, batch) -> batch
       before every step, with trainer.state at hand (RLHF's rollout phase: sample from
       trainer.state["params"] with the sampler on the same mesh, score, return the batch).
+      A "metrics" entry of the returned batch (host floats) joins the step's metrics.
 
 Workdir: config.json + tokenizer.model (what generate/serve load: the workdir is a model
 directory, see gemma_jax.checkpoint.load_trainer_checkpoint), train_config.json (the job
@@ -43,19 +49,23 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from configs.base import ConfigError, eval_data_config, validate
-from gemma_jax import checkpoint, flops, sharding
+from gemma_jax import checkpoint, distributed, flops, sharding
+from gemma_jax import lora as lora_lib
 from gemma_jax.config import ModelConfig
 from gemma_jax.data import make_iterator
 from gemma_jax.metrics import MetricsWriter, peak_flops_per_device
-from gemma_jax.model import abstract_model, param_count
+from gemma_jax.model import abstract_model, init_model, param_count
 from gemma_jax.optim import make_optimizer
+from gemma_jax.sampler import Sampler, SamplingParams
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
-from gemma_jax.train_step import (BATCH_KEYS, LossFn, abstract_train_state, init_train_state,
-                                  jit_eval_step, jit_train_step, make_eval_step, make_train_step)
+from gemma_jax.train_step import (BATCH_KEYS, LossFn, ModelFn, abstract_train_state,
+                                  init_train_state, jit_eval_step, jit_train_step, make_eval_step,
+                                  make_train_step, model_graphdef, model_params)
 
 log = logging.getLogger(__name__)
 
 TRAIN_CONFIG_FILE = "train_config.json"
+SAMPLES_FILE = "samples.jsonl"  # config.samples' generations, one JSON object per line
 # ModelConfig fields that change numerics only: a workdir may be resumed with other values.
 _NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "max_seq_len")
 
@@ -69,6 +79,7 @@ class Task:
   batch_keys: tuple[str, ...] = BATCH_KEYS
   setup: Callable[[Trainer], None] | None = None
   prepare_batch: Callable[[Trainer, dict], dict] | None = None
+  make_model: ModelFn = init_model
 
 
 class NonFiniteError(RuntimeError):
@@ -86,7 +97,8 @@ class Trainer:
     self.config, self.task = config, task
     self.workdir = Path(workdir).absolute()
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.is_main = jax.process_index() == 0
+    self.is_main = jax.process_index() == 0  # the one process that writes logs and configs
+    distributed.check_shared_directory(self.workdir, "--workdir")  # multi-host checkpoints
     self.mesh = sharding.make_mesh(config.mesh)
     self.tokenizer = Tokenizer(_tokenizer_file(config.tokenizer, self.workdir))
     if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
@@ -95,17 +107,28 @@ class Trainer:
     if self.is_main:
       self._write_workdir_configs()
     self.optimizer, self.schedule = make_optimizer(config.optimizer, config.train.steps)
-    self.abstract_state = abstract_train_state(self.model_cfg, self.optimizer, self.mesh)
+    # LoRA (config.lora.rank > 0): state["params"] = adapters, state["frozen"] = the base.
+    self.lora = lora_lib.LoRAConfig.from_config(config.lora)
+    if self.lora is not None and self.is_main:
+      lora_lib.write_run_file(self.workdir, self.lora,
+                              os.path.abspath(config.init_from) if config.init_from else "",
+                              config.train.seed)
+    self.abstract_state = abstract_train_state(self.model_cfg, self.optimizer, self.mesh,
+                                               task.make_model, self.lora)
     self.shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
-    sharding.check_replication(self.abstract_state["params"], self.shardings["params"],
+    # The guard covers the weights (a LoRA run's frozen base): adapters are small, and a
+    # factor that no mesh axis divides is left whole by design.
+    weights = "frozen" if self.lora is not None else "params"
+    sharding.check_replication(self.abstract_state[weights], self.shardings[weights],
                                config.sharding.max_replicated_fraction)
-    graphdef = nnx.split(abstract_model(self.model_cfg))[0]
+    graphdef = model_graphdef(self.model_cfg, task.make_model, self.lora)
+    self.graphdef = graphdef  # merges with model_params(self.state) into the model
     loss_fn = task.make_loss(config, self.mesh)
     step = make_train_step(graphdef, self.optimizer, loss_fn, self.schedule,
                            config.train.microbatches)
     self._train_step = jit_train_step(step, self.shardings, self.mesh, task.batch_keys)
-    self._eval_step = jit_eval_step(make_eval_step(graphdef, loss_fn), self.shardings["params"],
-                                    self.mesh, task.batch_keys)
+    self._eval_step = jit_eval_step(make_eval_step(graphdef, loss_fn),
+                                    model_params(self.shardings), self.mesh, task.batch_keys)
     self.data = make_iterator(config.data, self.tokenizer, self.mesh)
     self._eval_data = (make_iterator(eval_data_config(config), self.tokenizer, self.mesh)
                        if config.eval.every else None)
@@ -129,32 +152,60 @@ class Trainer:
     state = self.checkpoints.restore_latest(self.abstract_state, self.data)
     if state is not None:
       source = f"resumed from checkpoint step {int(state['step'])}"
+      if self.lora is not None:  # LoRA checkpoints hold the adapters only: rebuild the base
+        state["frozen"] = self._fresh_state()["frozen"]
     elif self.config.init_from:
       state = self._state_from(self.config.init_from)
       source = f"params from {self.config.init_from}"
     else:
-      state, _ = init_train_state(self.model_cfg, self.optimizer, self.mesh,
-                                  self.config.train.seed)
+      state = self._fresh_state()
       source = "random init"
     self.state, self.step_count = state, int(state["step"])
     return source
 
+  def _fresh_state(self) -> dict:
+    """The state at step 0: from config.init_from, else the seeded random init."""
+    if self.config.init_from:
+      return self._state_from(self.config.init_from)
+    return init_train_state(self.model_cfg, self.optimizer, self.mesh, self.config.train.seed,
+                            self.task.make_model, self.lora)[0]
+
   def restore(self, step: int) -> None:
     """Load checkpoint `step` (any mesh: arrays are resharded to this trainer's layout)."""
     self.state = self.checkpoints.restore(step, self.abstract_state, self.data)
+    if self.lora is not None:
+      self.state["frozen"] = self._fresh_state()["frozen"]
     self.step_count = int(self.state["step"])
 
+  def _base_layout(self) -> tuple[dict, dict]:
+    """(ShapeDtypeStructs, shardings) of the task model's whole parameter dict: what
+    init_from is loaded into (a LoRA run's state holds it split into params and frozen)."""
+    if self.lora is None:
+      return self.abstract_state["params"], self.shardings["params"]
+    model = nnx.eval_shape(lambda: self.task.make_model(self.model_cfg, 0))
+    state = nnx.state(model, nnx.Param)
+    return state.to_pure_dict(), sharding.param_shardings(state, self.mesh)
+
   def _state_from(self, directory: str) -> dict:
-    want = jax.tree.map(lambda a: a.shape, self.abstract_state["params"])
+    abstract, shardings = self._base_layout()
+    want = jax.tree.map(lambda a: a.shape, abstract)
     got = jax.tree.map(lambda a: a.shape, nnx.split(abstract_model(
         checkpoint.load_config(directory)))[1].to_pure_dict())
-    if got != want:
+    if got != _pick(want, got):
       raise ConfigError(f"config.init_from={directory!r}: its parameters do not have the shapes "
                         f"of config.model (preset {self.config.model.preset!r})")
     numerics = {k: getattr(self.model_cfg, k) for k in _NUMERICS_FIELDS}
-    _, model, _ = checkpoint.load_model_dir(directory, self.shardings["params"], **numerics)
+    _, model, _ = checkpoint.load_model_dir(directory, _pick(shardings, got), **numerics)
     params = nnx.state(model, nnx.Param).to_pure_dict()
     seed = self.config.train.seed
+    if got != want:  # e.g. a reward model's head: fresh, the rest from the directory
+      fresh = jax.jit(lambda: nnx.state(self.task.make_model(self.model_cfg, seed),
+                                        nnx.Param).to_pure_dict(),
+                      out_shardings=shardings)()
+      params = _overlay(fresh, params)
+    if self.lora is not None:  # the loaded params become the frozen base (quantized if asked)
+      return init_train_state(self.model_cfg, self.optimizer, self.mesh, seed,
+                              self.task.make_model, self.lora, base=params)[0]
     start = lambda p: {"params": p, "opt_state": self.optimizer.init(p),
                        "step": jax.numpy.zeros((), jax.numpy.int32),
                        "rng": jax.random.key_data(jax.random.key(seed))}
@@ -164,26 +215,46 @@ class Trainer:
 
   def step(self) -> dict[str, jax.Array]:
     """One optimizer step on the next batch; returns the step's metrics (device arrays)."""
-    batch = next(self.data)
+    batch, host_metrics = next(self.data), {}
     if self.task.prepare_batch:
       batch = self.task.prepare_batch(self, batch)
+      host_metrics = batch.get("metrics", {})
     self.state, metrics = self._train_step(self.state, {k: batch[k] for k in self.task.batch_keys})
     self.step_count += 1
-    return metrics
+    return {**metrics, **host_metrics}
 
   def evaluate(self) -> dict[str, float]:
-    """Token-weighted loss over the first eval.batches batches of eval.sources."""
+    """Token-weighted loss (and the loss's extras) over the first eval.batches batches of
+    eval.sources."""
     self._eval_data.set_state(self._eval_start)
     total = weight = 0.0
+    extras: dict[str, float] = {}
     for _ in range(self.config.eval.batches):
       batch = next(self._eval_data)
-      s, w = self._eval_step(self.state["params"], {k: batch[k] for k in self.task.batch_keys})
+      s, w, e = self._eval_step(model_params(self.state),
+                                {k: batch[k] for k in self.task.batch_keys})
       total, weight = total + s, weight + w
+      extras = {k: extras.get(k, 0.0) + float(v) for k, v in e.items()}
     loss = float(total) / max(float(weight), 1.0)
-    return {"eval_loss": loss, "eval_perplexity": _perplexity(loss)}
+    return {"eval_loss": loss, "eval_perplexity": _perplexity(loss),
+            **{f"eval_{k}": v / max(float(weight), 1.0) for k, v in extras.items()}}
 
   def save(self) -> None:
     self.checkpoints.save(self.state, self.data)
+
+  def sample(self) -> list[dict[str, Any]]:
+    """Generations for config.samples.prompts from the current weights (the whole model:
+    adapters and base for LoRA), on the trainer's mesh."""
+    s = self.config.samples
+    model = nnx.merge(self.graphdef, nnx.State(model_params(self.state)))
+    sampler = Sampler(model, self.tokenizer, mesh=self.mesh, batch_axes=("data", "fsdp"))
+    prompts = [self.tokenizer.encode_chat([{"role": "user", "content": p}]) if s.chat
+               else self.tokenizer.encode(p, add_bos=True) for p in s.prompts]
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=float(s.temperature),
+                            seed=self.step_count % 2**32)
+    return [{"step": self.step_count, "prompt": p, "completion": c.text,
+             "finish_reason": c.finish_reason}
+            for p, c in zip(s.prompts, sampler.generate(prompts, params))]
 
   # -- the loop --------------------------------------------------------------------------------
 
@@ -240,7 +311,8 @@ class Trainer:
   def _is_sync_point(self, stopping: bool) -> bool:
     c, step = self.config, self.step_count
     return (stopping or step == c.train.steps or step % c.logging.every == 0
-            or step % c.checkpoint.every == 0 or (c.eval.every and step % c.eval.every == 0))
+            or step % c.checkpoint.every == 0 or (c.eval.every and step % c.eval.every == 0)
+            or (c.samples.every and step % c.samples.every == 0))
 
   def _report_and_save(self, window: _Window, writer: MetricsWriter, summary: dict,
                        stopping: bool) -> None:
@@ -255,9 +327,21 @@ class Trainer:
       metrics = self.evaluate()
       writer.write(step, metrics)
       summary.update(metrics)
+    if c.samples.every and (last or step % c.samples.every == 0):
+      self._log_samples(writer)
     if last or stopping or step % c.checkpoint.every == 0:
       self.save()
     window.restart_clock()
+
+  def _log_samples(self, writer: MetricsWriter) -> None:
+    """config.samples' generations to the console and WORKDIR/samples.jsonl (process 0)."""
+    samples = self.sample()
+    if not self.is_main:
+      return
+    with open(self.workdir / SAMPLES_FILE, "a") as f:
+      for s in samples:
+        writer.info(f"sample (step {s['step']}): {s['prompt']!r} -> {s['completion']!r}")
+        f.write(json.dumps(s) + "\n")
 
   def _record(self, window: _Window, step: int, metrics: dict, summary: dict) -> None:
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -274,7 +358,16 @@ class Trainer:
     return (f"{self.task.name}: {cfg.name} ({param_count(cfg):,} params, {cfg.dtype} compute) "
             f"on mesh {dict(self.mesh.shape)} of {len(devices)} {devices[0].device_kind} "
             f"device(s); batch {c.train.global_batch_size} x {c.train.seq_len} tokens; "
-            f"{source}; step {self.step_count}/{c.train.steps}; workdir {self.workdir}")
+            f"{source}; step {self.step_count}/{c.train.steps}; workdir {self.workdir}"
+            + self._lora_banner())
+
+  def _lora_banner(self) -> str:
+    if self.lora is None:
+      return ""
+    trainable = sum(a.size for a in jax.tree.leaves(self.abstract_state["params"]))
+    base = self.lora.quantize or self.model_cfg.param_dtype
+    return (f"; LoRA rank {self.lora.rank} on {','.join(self.lora.targets)}: {trainable:,} "
+            f"trainable params, frozen base in {base}")
 
   def _write_workdir_configs(self) -> None:
     """config.json (the ModelConfig, as in a model directory) and train_config.json; a workdir
@@ -302,6 +395,9 @@ def report_non_finite(step: int, metrics: dict[str, float], policy: str) -> None
   log.warning(message)
   if policy == "stop":
     raise NonFiniteError(f"{message}; stopping (config.train.non_finite='stop')")
+
+
+_STEP_METRICS = {"loss", "tokens", "grad_norm", "learning_rate", "skipped"}
 
 
 class _Window:
@@ -336,6 +432,13 @@ class _Window:
            "learning_rate": self._steps[-1]["learning_rate"], "target_tokens": tokens,
            "skipped_steps": float(len(self._steps) - len(good)),
            "data_skipped_records": float(data_skipped_records)}
+    # A task's own metrics (loss extras, prepare_batch's): weighted like the loss, over the
+    # steps that report them.
+    for key in sorted({k for m in good for k in m} - _STEP_METRICS):
+      have = [m for m in good if key in m]
+      weight = sum(m["tokens"] for m in have)
+      out[key] = (sum(m[key] * m["tokens"] for m in have) / weight if weight else
+                  float(np.mean([m[key] for m in have])))
     if self._timed:
       self._step_time = (time.perf_counter() - self._start) / self._timed
       tokens_per_s = self._tokens_per_step / self._step_time
@@ -363,7 +466,8 @@ def _perplexity(loss: float) -> float:
 def _on_sigterm(callback: Callable[[], None]) -> Iterator[None]:
   """Run `callback` on SIGTERM inside the block. Single process, main thread only: with
   several processes, JAX's preemption service owns SIGTERM and orbax's reached_preemption
-  agrees on the step to stop at."""
+  agrees on the step to stop at (on CPU too: launch.local forwards SIGTERM to every process,
+  and a SIGTERM to any one host stops them all at the same step)."""
   if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
     yield
     return
@@ -376,8 +480,14 @@ def _on_sigterm(callback: Callable[[], None]) -> Iterator[None]:
 
 def _tokenizer_file(tok: ml_collections.ConfigDict, workdir: Path) -> Path:
   """WORKDIR/tokenizer.model: a copy of tokenizer.path, or trained on tokenizer.train_corpus
-  (once; a resumed run reuses it)."""
+  (once; a resumed run reuses it). With several processes, process 0 makes it and every
+  process uses process 0's bytes, so all hosts tokenize alike."""
   target = workdir / checkpoint.TOKENIZER_FILE
+  if jax.process_index() != 0:
+    data = distributed.broadcast_bytes(None)
+    if not target.is_file() or target.read_bytes() != data:
+      _write_atomic(target, data)
+    return target
   if tok.path:
     data = Path(tok.path).read_bytes()
     if not target.is_file() or target.read_bytes() != data:
@@ -386,6 +496,8 @@ def _tokenizer_file(tok: ml_collections.ConfigDict, workdir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
       trained = train_sentencepiece(tok.train_corpus, Path(tmp) / "spm", tok.vocab_size)
       os.replace(trained, target)
+  if jax.process_count() > 1:
+    distributed.broadcast_bytes(target.read_bytes())
   return target
 
 
@@ -393,3 +505,19 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   tmp.write_bytes(data.encode() if isinstance(data, str) else data)
   os.replace(tmp, path)
+
+
+def _pick(tree, like):
+  """The part of nested dict `tree` at the paths of `like` (None where `tree` lacks one)."""
+  if not isinstance(like, dict):
+    return tree
+  if not isinstance(tree, dict):
+    return None
+  return {k: _pick(tree[k], v) if k in tree else None for k, v in like.items()}
+
+
+def _overlay(base, top):
+  """`base` with the leaves that nested dict `top` has at the same paths replaced."""
+  if not isinstance(top, dict):
+    return top
+  return {k: _overlay(v, top[k]) if k in top else v for k, v in base.items()}

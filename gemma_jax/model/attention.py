@@ -13,6 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma_jax.config import ModelConfig
+from gemma_jax.model.adapters import add_lora, kernel
 from gemma_jax.model.cache import KVCache
 from gemma_jax.model.layers import RMSNorm, apply_rope, make_param, softcap, stacked
 
@@ -29,18 +30,24 @@ class Einsum(nnx.Module):
     self.equation = equation
     shape, axes = stacked(num_layers, shape, axes)
     self.w = make_param(rngs, shape, axes, param_dtype, stddev)
+    # A LoRA adapter and quantization of w (see model/adapters.py); None = plain.
+    self.w_lora = nnx.data(None)
+    self.w_quant = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum(self.equation, x, self.w[...].astype(x.dtype))
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """rng: LoRA dropout key (None: no dropout)."""
+    return add_lora(x, jnp.einsum(self.equation, x, kernel(self, "w", x.dtype)), self.w_lora,
+                    rng)
 
-  def each(self, x: jax.Array) -> list[jax.Array]:
+  def each(self, x: jax.Array, rng: jax.Array | None = None) -> list[jax.Array]:
     """The equation applied with each slice of w's leading axis (kv_einsum: keys, values).
 
     Plain dots per slice: one einsum over the stack makes XLA:CPU transpose the whole
     weight at every call, which dominates a decode step there.
     """
-    w = self.w[...].astype(x.dtype)
-    return [jnp.einsum(self.equation, x, w[i]) for i in range(w.shape[0])]
+    w = kernel(self, "w", x.dtype)
+    return [add_lora(x, jnp.einsum(self.equation, x, w[i]), self.w_lora, rng, i)
+            for i in range(w.shape[0])]
 
 
 def attention_mask(q_positions, q_segments, k_positions, k_segments, window) -> jax.Array:
@@ -75,15 +82,17 @@ class Attention(nnx.Module):
     self.logits_softcap = cfg.attn_logits_softcap
 
   def __call__(self, x, positions, segment_ids, *, window, rope_base, rope_scale,
-               cache: KVCache | None = None, layer: jax.Array | int = 0
-               ) -> tuple[jax.Array, KVCache | None]:
+               cache: KVCache | None = None, layer: jax.Array | int = 0,
+               rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """x [B, T, D] -> (output [B, T, D], cache with this call's keys/values written).
 
     Without a cache the tokens attend to each other. With one (whose slot positions/segment
     ids already include these tokens) they attend to every slot of this `layer`.
+    rng: LoRA dropout key (None: no dropout).
     """
-    q = checkpoint_name(self.q_einsum(x), "query_proj")
-    k, v = self.kv_einsum.each(x)
+    rngs = (None,) * 3 if rng is None else tuple(jax.random.split(rng, 3))
+    q = checkpoint_name(self.q_einsum(x, rngs[0]), "query_proj")
+    k, v = self.kv_einsum.each(x, rngs[1])
     k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
     if self.use_qk_norm:
       q, k = self.query_norm(q), self.key_norm(k)
@@ -95,7 +104,8 @@ class Attention(nnx.Module):
       k, v, k_positions, k_segments = (cache.k[layer], cache.v[layer], cache.positions,
                                        cache.segment_ids)
     mask = attention_mask(positions, segment_ids, k_positions, k_segments, window)
-    out = self.attn_vec_einsum(dot_product_attention(q, k, v, mask, self.logits_softcap))
+    out = self.attn_vec_einsum(dot_product_attention(q, k, v, mask, self.logits_softcap),
+                               rngs[2])
     return out, cache
 
 

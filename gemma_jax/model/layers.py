@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma_jax.model.adapters import add_lora, kernel
+
 Axes = tuple[str | None, ...]
 
 
@@ -73,16 +75,28 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 class FeedForward(nnx.Module):
   """GeGLU: linear(gelu_tanh(x W_gate) * (x W_up)); gating_einsum stacks [gate, up]."""
 
+  # Per-slice einsum of each weight (gemma_jax.lora builds adapters from these).
+  EQUATIONS = {"gating_einsum": "btd,df->btf", "linear": "btf,fd->btd"}
+
   def __init__(self, embed_dim: int, hidden_dim: int, *, param_dtype, rngs, num_layers=None):
     shape, axes = stacked(num_layers, (2, embed_dim, hidden_dim), (None, "embed", "mlp"))
     self.gating_einsum = make_param(rngs, shape, axes, param_dtype, embed_dim ** -0.5)
     shape, axes = stacked(num_layers, (hidden_dim, embed_dim), ("mlp", "embed"))
     self.linear = make_param(rngs, shape, axes, param_dtype, hidden_dim ** -0.5)
+    # LoRA adapters and quantization of the weights (see model/adapters.py); None = plain.
+    self.gating_einsum_lora = nnx.data(None)
+    self.linear_lora = nnx.data(None)
+    self.gating_einsum_quant = None
+    self.linear_quant = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """rng: LoRA dropout key (None: no dropout)."""
+    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     # Two dots rather than one einsum over [gate, up]: that einsum makes XLA:CPU transpose
     # the whole weight at every call (10x slower decoding there); other backends don't care.
-    gating = self.gating_einsum[...].astype(x.dtype)
-    gate, up = (jnp.einsum("btd,df->btf", x, gating[i]) for i in range(2))
+    gating = kernel(self, "gating_einsum", x.dtype)
+    gate, up = (add_lora(x, jnp.einsum("btd,df->btf", x, gating[i]), self.gating_einsum_lora,
+                         rngs[0], i) for i in range(2))
     hidden = jax.nn.gelu(gate, approximate=True) * up
-    return jnp.einsum("btf,fd->btd", hidden, self.linear[...].astype(x.dtype))
+    out = jnp.einsum("btf,fd->btd", hidden, kernel(self, "linear", x.dtype))
+    return add_lora(hidden, out, self.linear_lora, rngs[1])

@@ -66,12 +66,16 @@ class Block(nnx.Module):
     self.post_ffw_norm = norm() if cfg.use_post_ffw_norm else None
 
   def __call__(self, x, positions, segment_ids, cache: KVCache | None = None,
-               layer: jax.Array | int = 0, **layer_values) -> tuple[jax.Array, KVCache | None]:
-    """(block output, the cache with this layer's new keys/values; None without a cache)."""
+               layer: jax.Array | int = 0, rng: jax.Array | None = None,
+               **layer_values) -> tuple[jax.Array, KVCache | None]:
+    """(block output, the cache with this layer's new keys/values; None without a cache).
+
+    rng: LoRA dropout key of this layer (None: no dropout)."""
+    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     h, cache = self.attn(self.pre_attention_norm(x), positions, segment_ids, cache=cache,
-                         layer=layer, **layer_values)
+                         layer=layer, rng=rngs[0], **layer_values)
     x = x + (h if self.post_attention_norm is None else self.post_attention_norm(h))
-    h = self.mlp(self.pre_ffw_norm(x))
+    h = self.mlp(self.pre_ffw_norm(x), rngs[1])
     return x + (h if self.post_ffw_norm is None else self.post_ffw_norm(h)), cache
 
 
@@ -102,17 +106,19 @@ class Transformer(nnx.Module):
     features, cache = self.cached_features(tokens, positions, segment_ids, cache)
     return self.logits(features), cache
 
-  def features(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+  def features(self, tokens, positions=None, segment_ids=None, *,
+               rng: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, D] in the compute dtype.
 
     positions default to 0..T-1 and segment_ids to all ones (one unpadded document per
     row). Packed rows restart positions per segment; padding has segment id 0.
+    rng: the dropout key of LoRA adapters (gemma_jax.lora); ignored by a plain model.
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    return self._run(tokens, positions, segment_ids, None)[0]
+    return self._run(tokens, positions, segment_ids, None, rng)[0]
 
   def cached_features(self, tokens, positions, segment_ids, cache: KVCache
                       ) -> tuple[jax.Array, KVCache]:
@@ -128,15 +134,16 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones_like(tokens)
     return self._run(tokens, positions, segment_ids, cache.write_slots(positions, segment_ids))
 
-  def _run(self, tokens, positions, segment_ids, cache: KVCache | None):
+  def _run(self, tokens, positions, segment_ids, cache: KVCache | None, rng=None):
     cfg = self.config
     x = constrain(self.embedder.encode(tokens, jnp.dtype(cfg.dtype)), ACTIVATION_AXES)
     graphdef, weights = nnx.split(self.layers)
 
     def one_layer(carry, per_layer):
       (x, cache), (layer_weights, values, layer) = carry, per_layer
+      layer_rng = None if rng is None else jax.random.fold_in(rng, layer)
       x, cache = nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, cache, layer,
-                                                    **values)
+                                                    rng=layer_rng, **values)
       return (constrain(x, ACTIVATION_AXES), cache), None
 
     policy = cfg.remat_policy
