@@ -126,7 +126,10 @@ class MetricsWriter:
     fmt = {"loss": "loss {:.4f}", "perplexity": "ppl {:.2f}", "eval_loss": "eval_loss {:.4f}",
            "eval_perplexity": "eval_ppl {:.2f}", "grad_norm": "gnorm {:.3f}",
            "learning_rate": "lr {:.2e}", "tokens_per_s": "tok/s {:,.0f}",
-           "step_time_s": "step {:.3f}s", "mfu": "mfu {:.1%}", "skipped_steps": "skipped {:.0f}"}
+           "step_time_s": "step {:.3f}s", "mfu": "mfu {:.1%}", "skipped_steps": "skipped {:.0f}",
+           # reward model and RLHF runs
+           "accuracy": "acc {:.3f}", "eval_accuracy": "eval_acc {:.3f}",
+           "reward_mean": "reward {:.3f}", "kl": "kl {:.2f}"}
     parts += [f.format(m[k]) for k, f in fmt.items() if k in m and (k != "skipped_steps" or m[k])]
     if eta is not None:
       parts.append(f"ETA {format_duration(eta)}")

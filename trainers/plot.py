@@ -1,7 +1,8 @@
 """Loss curves of a run: python -m trainers.plot WORKDIR [--out FILE.png]
 
 Reads WORKDIR/metrics.jsonl and writes WORKDIR/loss.png (or --out): training and eval loss
-against the step, and the learning rate below. A resumed run logs again the steps after its
+against the step, and the learning rate below; reward-model and RLHF runs get a panel of
+their accuracy / mean reward (and KL to the reference) in between. A resumed run logs again the steps after its
 checkpoint; the last record of a step wins.
 """
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from gemma_jax.metrics import METRICS_FILE
 
 PLOT_FILE = "loss.png"
+# Plotted in a panel of their own when a run logs them (python -m trainers.reward / rlhf).
+TASK_METRICS = ("reward_mean", "accuracy", "eval_accuracy", "kl")
 
 
 def read_metrics(workdir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -42,8 +45,14 @@ def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
   if "loss" not in metrics:
     raise ValueError(f"{Path(workdir) / METRICS_FILE}: no loss recorded yet")
   out = Path(out) if out else Path(workdir) / PLOT_FILE
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
-                                    gridspec_kw={"height_ratios": [3, 1]})
+  task = [k for k in TASK_METRICS if k in metrics]
+  if task:  # reward model / RLHF runs: their own curves between loss and learning rate
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 8), sharex=True,
+                                              gridspec_kw={"height_ratios": [2, 2, 1]})
+    _plot_task(middle, metrics, task)
+  else:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
   for key, label in (("loss", "train"), ("eval_loss", "eval")):
     if key in metrics:
       steps, values = zip(*metrics[key])
@@ -62,6 +71,25 @@ def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
   fig.savefig(out, dpi=100)
   plt.close(fig)
   return out
+
+
+def _plot_task(ax, metrics, keys) -> None:
+  """Reward / accuracy curves on the left axis, the KL (RLHF) on a right-hand one."""
+  for key in keys:
+    if key == "kl":
+      continue
+    steps, values = zip(*metrics[key])
+    ax.plot(steps, values, marker="o" if key.startswith("eval_") else None,
+            label=key.replace("_", " "))
+  ax.set_ylabel("reward / accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left")
+  if "kl" in keys:
+    right = ax.twinx()
+    steps, values = zip(*metrics["kl"])
+    right.plot(steps, values, color="tab:red", linestyle="--", label="KL to reference")
+    right.set_ylabel("KL (nats / completion)", color="tab:red")
+    right.legend(loc="lower right")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,297 @@
+"""RLHF: REINFORCE with a leave-one-out baseline (RLOO) and a KL penalty, one program, one mesh.
+
+  python -m trainers.rlhf --config configs/rlhf_tiny.py --workdir /tmp/rlhf_tiny    # CPU demo
+  python -m trainers.rlhf --config configs/rlhf_gemma_2b.py --workdir DIR --distributed \
+      --config.init_from=SFT_DIR --config.rlhf.reward_model=REWARD_WORKDIR ...
+
+Each step (the loop's prepare_batch hook, then the ordinary jitted train step):
+  1. rollout: k completions per prompt of the batch from the current policy with the project
+     sampler (same params, same mesh), seeded by (state rng, step) so a resumed run samples
+     the same completions;
+  2. score: rlhf.reward_fn ("module:function(prompts, completions, **fields)") or the reward
+     model of a reward-trainer workdir (rlhf.reward_model);
+  3. teacher-forced forward passes of the policy and the frozen reference at temperature 1
+     give the token log-probs for the KL (and the entropy); R = r - beta * KL; RLOO
+     advantages (gemma_jax/rl.py);
+  4. the train step minimises -mean_i A_i * sum_t log pi(y_i,t) (rl.rloo_loss).
+The reference is the policy the run started from (config.init_from, else the seeded random
+init), rebuilt the same way on resume. Metrics: reward mean/std, KL, completion length,
+fraction truncated, entropy, rollout and learner tokens/s; a few completions per log step go
+to the console and WORKDIR/rollouts.jsonl. Single process: the rollout reads the prompts on
+this host (multi-host rollouts are not done yet).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from configs.base import ConfigError, model_config
+from gemma_jax import checkpoint, rl, sharding
+from gemma_jax.model import init_model
+from gemma_jax.reward_model import load_reward_model, sequence_rewards
+from gemma_jax.sampler import Completion, Sampler, SamplingParams
+from gemma_jax.tokenizer import Tokenizer
+from gemma_jax.train_step import LossFn, model_params
+from trainers import cli, loop
+
+ROLLOUTS_FILE = "rollouts.jsonl"  # a few completions per log step (not config.samples)
+
+
+def make_loss(config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
+  check_config(config)
+  return functools.partial(rl.rloo_loss, mesh=mesh, chunk_size=config.train.loss_chunk_size)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """What configs.base cannot check without knowing the job is RLHF."""
+  r, cfg = config.rlhf, model_config(config)
+  if bool(r.reward_fn) == bool(r.reward_model):
+    raise ConfigError("config.rlhf: set exactly one of reward_fn ('module:function') or "
+                      "reward_model (a reward-trainer workdir)")
+  if r.reward_fn:
+    load_reward_fn(r.reward_fn)
+  if r.reward_model and not (Path(r.reward_model) / checkpoint.CONFIG_FILE).is_file():
+    raise ConfigError(f"config.rlhf.reward_model={r.reward_model!r} is not a reward-trainer "
+                      "workdir (no config.json)")
+  if config.eval.every:
+    raise ConfigError(f"config.eval.every={config.eval.every}: RLHF has no held-out loss; "
+                      "set it to 0 (the reward curve is in metrics.jsonl)")
+  if config.train.seq_len + r.max_new_tokens > cfg.max_seq_len:
+    raise ConfigError(f"config.train.seq_len={config.train.seq_len} (the prompt buffer) + "
+                      f"config.rlhf.max_new_tokens={r.max_new_tokens} exceed the model's "
+                      f"max_seq_len={cfg.max_seq_len}")
+
+
+def load_reward_fn(spec: str) -> Callable:
+  module, _, name = spec.partition(":")
+  try:
+    fn = getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError(f"config.rlhf.reward_fn={spec!r}: {e}") from e
+  if not callable(fn):
+    raise ConfigError(f"config.rlhf.reward_fn={spec!r} is not callable")
+  return fn
+
+
+def row_seeds(rng_key_data: np.ndarray, step: int, n: int) -> list[int]:
+  """n sampling seeds in [0, 2**32), a function of the state's rng and the step only."""
+  entropy = [int(x) for x in np.asarray(rng_key_data, np.uint32).reshape(-1)] + [step]
+  return [int(s) for s in np.random.SeedSequence(entropy).generate_state(n, np.uint32)]
+
+
+def learner_rows(prompts: list[list[int]], completions: list[list[int]], length: int
+                 ) -> dict[str, np.ndarray]:
+  """Right-padded rows prompt + completion [N, length] with targets (the next token) and
+  mask (1 where the target is a completion token)."""
+  n = len(prompts)
+  out = {k: np.zeros((n, length), np.int32)
+         for k in ("tokens", "positions", "segment_ids", "targets")}
+  out["mask"] = np.zeros((n, length), np.float32)
+  for i, (p, c) in enumerate(zip(prompts, completions)):
+    row = p + c
+    out["tokens"][i, :len(row)] = row
+    out["positions"][i, :len(row)] = np.arange(len(row))
+    out["segment_ids"][i, :len(row)] = 1
+    out["targets"][i, :len(row) - 1] = row[1:]
+    out["mask"][i, len(p) - 1:len(row) - 1] = 1.0
+  return out
+
+
+class Rollouts:
+  """The RLHF phase of a step; built by `setup` once the policy state is there."""
+
+  def __init__(self, trainer: loop.Trainer):
+    c, r = trainer.config, trainer.config.rlhf
+    self.trainer, self.r = trainer, r
+    self.mesh = trainer.mesh
+    self.graphdef = trainer.graphdef  # the policy; with LoRA, the model with adapters
+    self._reference = reference_params(trainer)
+    policy = nnx.merge(self.graphdef, nnx.State(model_params(trainer.state)))
+    self.sampler = Sampler(policy, trainer.tokenizer, mesh=self.mesh,
+                           batch_axes=("data", "fsdp"))
+    self.length = c.train.seq_len + r.max_new_tokens
+    self.score_tokens = jax.jit(functools.partial(
+        _teacher_forced, self.graphdef, chunk_size=c.train.loss_chunk_size))
+    self.reward_fn = load_reward_fn(r.reward_fn) if r.reward_fn else None
+    if r.reward_model:
+      self._load_reward_model(r.reward_model)
+    self.samples_path = trainer.workdir / ROLLOUTS_FILE
+    self._learner_tokens = 0
+    self._learner_start: float | None = None
+
+  def reference(self, state: dict) -> dict:
+    """The reference policy's params for trainer.graphdef. LoRA: the current state's frozen
+    base (the train step donates the state, so an old reference to it would be dead)."""
+    if "frozen" in state:
+      return model_params({"params": self._reference, "frozen": state["frozen"]})
+    return self._reference
+
+  def _load_reward_model(self, workdir: str) -> None:
+    _, model, tokenizer = load_reward_model(workdir, self.mesh)
+    if tokenizer is None or not same_vocabulary(Tokenizer(tokenizer), self.trainer.tokenizer):
+      raise ConfigError(f"config.rlhf.reward_model={workdir!r}: its tokenizer.model has another "
+                        "vocabulary than the policy's; the reward model must read the same ids")
+    graphdef, params = nnx.split(model)
+    self.reward_params = params
+    self.reward_model_fn = jax.jit(
+        lambda p, t, pos, seg: sequence_rewards(nnx.merge(graphdef, p), t, pos, seg))
+
+  # -- one step ------------------------------------------------------------------------------
+
+  def __call__(self, trainer: loop.Trainer, batch: dict) -> dict:
+    r = self.r
+    params = model_params(trainer.state)
+    jax.block_until_ready(params)  # the previous train step has finished: time the learner
+    start = time.perf_counter()
+    metrics = {}
+    if self._learner_start is not None:
+      metrics["learner_tokens_per_s"] = self._learner_tokens / (start - self._learner_start)
+
+    prompts = _prompt_ids(batch)
+    fields = [ref for ref in batch["reference"] for _ in range(r.k)]
+    prompts = [p for p in prompts for _ in range(r.k)]  # prompt-major: row p * k + j
+    seeds = row_seeds(jax.device_get(trainer.state["rng"]), trainer.step_count, len(prompts))
+    self.sampler.params = nnx.State(params)
+    completions = self.sampler.generate(prompts, [
+        SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                       top_k=r.top_k, top_p=r.top_p, seed=s, stop=tuple(r.stop))
+        for s in seeds])
+    generated = sum(len(c.tokens) for c in completions)
+    metrics["rollout_tokens_per_s"] = generated / (time.perf_counter() - start)
+
+    rows = learner_rows(prompts, [c.tokens for c in completions], self.length)
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
+    device_rows = {k: put(v) for k, v in rows.items()}
+    logp, ref_logp, entropy = self.score_tokens(
+        params, self.reference(trainer.state), device_rows["tokens"], device_rows["positions"],
+        device_rows["segment_ids"], device_rows["targets"])
+    scores = np.asarray(self._scores(prompts, completions, fields, device_rows), np.float32)
+    truncated = np.array([c.finish_reason == "length" for c in completions])
+    out = rl.advantages_from(
+        scores, logp, ref_logp, device_rows["mask"], truncated, k=r.k, beta=float(r.beta),
+        clip=float(r.reward_clip), truncated_mode=r.truncated,
+        truncated_penalty=float(r.truncated_penalty),
+        whiten_advantages=bool(r.whiten_advantages))
+    advantages, kl = jax.device_get((out["advantages"], out["kl"]))
+    mask = rows["mask"]
+    lengths = mask.sum(axis=1)
+    metrics.update(
+        reward_mean=float(scores.mean()), reward_std=float(scores.std()),
+        shaped_reward_mean=float(jax.device_get(out["rewards"]).mean()),
+        kl=float(kl.mean()), completion_length=float(lengths.mean()),
+        truncated=float(truncated.mean()),
+        entropy=float((jax.device_get(entropy) * mask).sum() / max(mask.sum(), 1.0)))
+    self._log_samples(trainer, prompts, completions, scores, kl)
+    learner = {k: device_rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
+    learner["loss_weights"] = put((advantages[:, None] * mask).astype(np.float32))
+    self._learner_tokens = int(rows["segment_ids"].astype(bool).sum())
+    self._learner_start = time.perf_counter()
+    return {**learner, "metrics": metrics}
+
+  def _scores(self, prompts: list[list[int]], completions: list[Completion],
+              fields: list[dict], rows: dict) -> list[float]:
+    if self.reward_fn is None:
+      return jax.device_get(self.reward_model_fn(
+          self.reward_params, rows["tokens"], rows["positions"], rows["segment_ids"]))
+    tok = self.trainer.tokenizer
+    names = sorted({k for f in fields for k in f})
+    columns = {k: [f.get(k) for f in fields] for k in names}
+    scores = self.reward_fn([tok.decode(p, skip_control=True) for p in prompts],
+                            [c.text for c in completions], **columns)
+    scores = [float(s) for s in scores]
+    if len(scores) != len(completions):
+      raise ValueError(f"config.rlhf.reward_fn={self.r.reward_fn!r} returned {len(scores)} "
+                       f"scores for {len(completions)} completions")
+    return scores
+
+  def _log_samples(self, trainer: loop.Trainer, prompts, completions, scores, kl) -> None:
+    c, step = trainer.config, trainer.step_count + 1
+    if not (trainer.is_main and self.r.samples_logged and
+            (step == 1 or step % c.logging.every == 0 or step == c.train.steps)):
+      return
+    tok = trainer.tokenizer
+    with open(self.samples_path, "a") as f:
+      for i in range(min(self.r.samples_logged, len(completions))):
+        record = {"step": step, "prompt": tok.decode(prompts[i], skip_control=True),
+                  "completion": completions[i].text, "score": float(scores[i]),
+                  "kl": float(kl[i]), "finish_reason": completions[i].finish_reason}
+        f.write(json.dumps(record) + "\n")
+        if c.logging.console:
+          print(f"  sample {i}: {record['prompt']!r} -> {record['completion']!r} "
+                f"(score {record['score']:.3f}, kl {record['kl']:.3f})", flush=True)
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+  """Same pieces under the same ids (two files trained alike differ only in their metadata)."""
+  probe = "Why is the sky blue? 12 + 7 = 19. <start_of_turn>user\nHi<end_of_turn>"
+  return (a.vocab_size == b.vocab_size and a.encode(probe) == b.encode(probe)
+          and all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size)))
+
+
+def _prompt_ids(batch: dict) -> list[list[int]]:
+  """The real tokens of each prompt row (left- or right-padded) on this host."""
+  tokens, segment_ids = jax.device_get((batch["tokens"], batch["segment_ids"]))
+  return [row[seg > 0].tolist() for row, seg in zip(tokens, segment_ids)]
+
+
+def _teacher_forced(graphdef, params, reference, tokens, positions, segment_ids, targets, *,
+                    chunk_size: int):
+  """Per-token log-probs of the policy and the reference and the policy's entropy [N, T],
+  at temperature 1 (what the loss differentiates), with no gradient."""
+
+  def run(p):
+    model = nnx.merge(graphdef, nnx.State(p))
+    features = model.features(tokens, positions, segment_ids)
+    return rl.completion_logprobs(features, model.embedder.input_embedding[...], targets,
+                                  final_softcap=model.config.final_logits_softcap,
+                                  chunk_size=chunk_size)
+
+  logp, entropy = run(params)
+  ref_logp, _ = run(reference)
+  return logp, ref_logp, entropy
+
+
+def reference_params(trainer: loop.Trainer) -> dict:
+  """The frozen reference policy, as a parameter dict of trainer.graphdef: the policy the run
+  started from, rebuilt identically when the run resumes. LoRA: all-zero adapters (which add
+  exactly nothing) on the shared frozen base, so no second copy of the base exists.
+  Full fine-tuning: a copy of config.init_from's params, else of train.seed's random init."""
+  if "frozen" in trainer.state:  # the adapters only; Rollouts.reference adds the base
+    return jax.tree.map(jnp.zeros_like, trainer.state["params"])
+  c, cfg = trainer.config, trainer.model_cfg
+  shardings = trainer.shardings["params"]
+  if c.init_from:
+    numerics = {k: getattr(cfg, k) for k in loop._NUMERICS_FIELDS}
+    _, model, _ = checkpoint.load_model_dir(c.init_from, shardings, **numerics)
+    return nnx.state(model, nnx.Param).to_pure_dict()
+  seed = c.train.seed
+  return jax.jit(lambda: nnx.state(init_model(cfg, seed), nnx.Param).to_pure_dict(),
+                 out_shardings=shardings)()
+
+
+def setup(trainer: loop.Trainer) -> None:
+  trainer.rollouts = Rollouts(trainer)
+
+
+def prepare_batch(trainer: loop.Trainer, batch: dict) -> dict:
+  return trainer.rollouts(trainer, batch)
+
+
+TASK = loop.Task(name="rlhf", data_format="rl", make_loss=make_loss, setup=setup,
+                 prepare_batch=prepare_batch)
+
+if __name__ == "__main__":
+  sys.exit(cli.main(TASK))
