@@ -95,8 +95,10 @@ def test_outputs_are_prefixed_and_success_is_zero():
   code = "import os; print('id', os.environ['JAX_PROCESS_ID'], os.environ['XLA_FLAGS'])"
   status, text = _run_job([sys.executable, "-c", code], processes=3, devices=2)
   assert status == 0
+  lines = text.splitlines()
   for i in range(3):
-    assert f"[{i}] id {i} --xla_force_host_platform_device_count=2" in text
+    mine = [line for line in lines if line.startswith(f"[{i}] id {i} ")]
+    assert len(mine) == 1 and mine[0].endswith("--xla_force_host_platform_device_count=2")
 
 
 def test_one_failure_stops_the_others():
