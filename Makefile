@@ -10,11 +10,15 @@ export JAX_PLATFORMS ?= cpu
 demo: $(VENV)/.installed
 	$(PY) -m trainers.pretrain --config configs/tiny.py --workdir $(or $(WORKDIR),workdir/tiny)
 
+# The suite runs as three pytest processes, each with a fresh XLA:CPU client: in one long
+# process, the 8 emulated devices' collectives deadlocked late in the run on 2 cores.
+TEST_GROUPS := 'tests/test_[a-l]*.py' 'tests/test_[m-r]*.py' 'tests/test_[s-z]*.py'
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	for group in $(TEST_GROUPS); do $(PY) -m pytest -q $$group || exit 1; done
 
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q -m ''
+	for group in $(TEST_GROUPS); do $(PY) -m pytest -q -m '' $$group || exit 1; done
 
 info: $(VENV)/.installed
 	$(PY) -m gemma_jax.info --model $(or $(MODEL),gemma_2b)

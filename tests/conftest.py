@@ -4,10 +4,10 @@ import os
 from pathlib import Path
 
 # XLA:CPU aborts the process when a collective's rendezvous waits 40 s (its default); 8
-# emulated devices on 2 busy cores can starve one device's thread that long, so allow 15 min.
+# emulated devices on 2 busy cores can starve one device's thread that long, so allow 5 min.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=300").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # AOT tests load libtpu only for topology descriptions; let them coexist with other users.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
