@@ -237,7 +237,10 @@ def test_sharded_sampling_matches_unsharded(tiny):
   params = [SamplingParams(max_new_tokens=10, temperature=0.8, top_k=50, seed=i)
             for i in range(len(prompts))]
   want = Sampler(model, stop_token_ids=[]).generate(prompts, params)
-  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  # 4 of the 8 emulated devices: with all 8, XLA:CPU's collectives inside the decode loop
+  # deadlocked in some environments (devices disagreeing on the loop's trip count).
+  mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:4])
   graphdef, state = nnx.split(model)
   spec = lambda v: jax.sharding.PartitionSpec(*("fsdp" if a == "embed" else None for a in v.axes))
   state = jax.device_put(state, jax.tree.map(
@@ -249,7 +252,7 @@ def test_sharded_sampling_matches_unsharded(tiny):
   for g, w in zip(got, want):
     np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
   state = sampler.prefill(prompts, params)
-  assert state.cache.k.sharding.spec[1] == "data" and len(state.cache.k.sharding.device_set) == 8
+  assert state.cache.k.sharding.spec[1] == "data" and len(state.cache.k.sharding.device_set) == 4
 
 
 def test_cached_call_needs_positions(tiny):
