@@ -2,8 +2,8 @@
 
 Gemma's vocabulary is 256K: full [tokens, vocab] float32 logits would dominate memory. Both
 versions here start from the final hidden states and the tied embedding table instead:
-- `chunked_cross_entropy` (plain jit) scans over token chunks and rematerialises each chunk's
-  logits in the backward pass, so only [chunk, vocab] logits ever exist;
+- `chunked_cross_entropy` (plain jit) scans over token chunks and, when there are several,
+  rematerialises each chunk's logits in the backward pass, so only [chunk, vocab] logits exist;
 - `vocab_parallel_cross_entropy` (shard_map) additionally splits the vocabulary over the
   `tensor` mesh axis: each device holds [tokens/batch-shards, vocab/tensor] logits and the
   softmax normaliser and target logit are combined with explicit psum/pmax collectives.
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from gemma_jax.model.layers import softcap
+from gemma_jax.model.layers import softcap, weight_einsum
 
 
 def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
@@ -30,7 +30,7 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0):
 
 
 def _chunk_loss(x, table, targets, weights, final_softcap, z_loss):
-  logits = jnp.einsum("nd,vd->nv", x, table.astype(x.dtype), preferred_element_type=jnp.float32)
+  logits = weight_einsum("nd,vd->nv", x, table.astype(x.dtype), jnp.float32)
   return cross_entropy(softcap(logits, final_softcap), targets, weights, z_loss)
 
 
@@ -47,8 +47,9 @@ def chunked_cross_entropy(features, table, targets, weights, *, final_softcap=No
   pad = -n % chunk
   if pad:  # zero-weight padding up to a whole number of chunks
     x, t, w = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, t, w))
-  body = jax.checkpoint(functools.partial(_chunk_loss, final_softcap=final_softcap,
-                                          z_loss=z_loss), prevent_cse=False)
+  body = functools.partial(_chunk_loss, final_softcap=final_softcap, z_loss=z_loss)
+  if chunk < n:  # one chunk's logits live only from the forward's end to the backward's start
+    body = jax.checkpoint(body, prevent_cse=False)
 
   def step(acc, chunk_inputs):
     x_chunk, t_chunk, w_chunk = chunk_inputs

@@ -1,10 +1,14 @@
-"""RMSNorm, RoPE, the attention mask and soft-capped GQA attention against float64 NumPy."""
+"""RMSNorm, RoPE, the attention mask and soft-capped GQA attention against float64 NumPy;
+weight_einsum's hand-written backward against JAX's autodiff of jnp.einsum."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gemma_jax.model import apply_rope, attention_mask, dot_product_attention, rms_norm
+from gemma_jax.model.attention import causal_attention
+from gemma_jax.model.layers import weight_einsum
 
 RNG = np.random.default_rng(0)
 
@@ -85,3 +89,52 @@ def test_attention_matches_loop_reference(window, cap, kv_heads):
   valid = segments != 0
   np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=1e-5, atol=1e-5)
   assert np.isfinite(np.asarray(got)).all()
+
+
+@pytest.mark.parametrize("t", [12, 10])  # 4 query chunks of 3; not a multiple of 4: one chunk
+@pytest.mark.parametrize("window,cap,kv_heads", [(2**30, None, 4), (3, 50.0, 2), (5, 0.7, 1)])
+def test_causal_attention_matches_reference_and_full_gradients(t, window, cap, kv_heads):
+  """Skipping the keys after each query chunk changes nothing but the (unread) padding rows."""
+  b, n, h = 2, 4, 8
+  q = RNG.normal(size=(b, t, n, h)) * 2
+  k, v = RNG.normal(size=(2, b, t, kv_heads, h))
+  # Row 0: one document; row 1: three packed documents and right padding.
+  positions = np.array([np.arange(t), [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 0, 0][:t]])
+  segments = np.array([[1] * t, [1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 0, 0][:t]])
+  mask = attention_mask(*map(jnp.asarray, (positions, segments, positions, segments)), window)
+  args = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+  valid = segments != 0
+  got = np.asarray(causal_attention(*args, mask, cap))
+  want = np_attention(q, k, v, positions, segments, window, cap)
+  np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+  probe = jnp.asarray(RNG.normal(size=q.shape) * valid[:, :, None, None], jnp.float32)
+  grads = lambda attend: jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a, mask, cap) * probe),
+                                          argnums=(0, 1, 2)))(*args)
+  for got, want in zip(grads(causal_attention), grads(dot_product_attention)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [
+    ("btd,df->btf", (2, 3, 4), (4, 5)),  # MLP gating
+    ("btd,ndh->btnh", (2, 3, 4), (2, 4, 5)),  # query projection
+    ("btnh,nhd->btd", (2, 3, 2, 5), (2, 5, 4)),  # attention output
+    ("nd,vd->nv", (6, 4), (7, 4)),  # tied logits
+])
+@pytest.mark.parametrize("dtype,preferred", [("float32", None), ("bfloat16", "float32"),
+                                             ("bfloat16", None)])
+def test_weight_einsum_matches_einsum_and_autodiff(equation, x_shape, w_shape, dtype, preferred):
+  x = jnp.asarray(RNG.normal(size=x_shape), dtype)
+  w = jnp.asarray(RNG.normal(size=w_shape), dtype)
+  out, vjp = jax.vjp(lambda x, w: weight_einsum(equation, x, w, preferred), x, w)
+  want_out, want_vjp = jax.vjp(
+      lambda x, w: jnp.einsum(equation, x, w, preferred_element_type=preferred), x, w)
+  want64 = np.einsum(equation, np.float64(x), np.float64(w))
+  tol = 1e-6 if out.dtype == jnp.float32 else 1e-2
+  assert out.dtype == want_out.dtype
+  np.testing.assert_allclose(np.float64(out), want64, rtol=tol, atol=tol)
+  g = jnp.asarray(RNG.normal(size=out.shape), out.dtype)
+  for got, want, like in zip(vjp(g), want_vjp(g), (x, w)):
+    assert got.dtype == want.dtype == like.dtype
+    scale = np.abs(np.float64(want)).max()
+    np.testing.assert_allclose(np.float64(got), np.float64(want), rtol=0,
+                               atol=(1e-6 if like.dtype == jnp.float32 else 2e-2) * scale)

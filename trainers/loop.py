@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.json"
 SAMPLES_FILE = "samples.jsonl"  # config.samples' generations, one JSON object per line
 # ModelConfig fields that change numerics only: a workdir may be resumed with other values.
-_NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "max_seq_len")
+_NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,11 +15,16 @@ from jax.ad_checkpoint import checkpoint_name
 from gemma_jax.config import ModelConfig
 from gemma_jax.model.adapters import add_lora, kernel
 from gemma_jax.model.cache import KVCache
-from gemma_jax.model.layers import RMSNorm, apply_rope, make_param, softcap, stacked
+from gemma_jax.model.layers import (RMSNorm, apply_rope, make_param, softcap, stacked,
+                                    weight_einsum)
 
 # Finite "minus infinity": a fully masked row (padding) stays finite instead of NaN.
 MASK_VALUE = -2.3819763e38
 NO_WINDOW = 2**30
+# A sequence attending to itself is split into this many query chunks, each reading only the
+# keys up to its own end: causal attention never looks further, so 4 chunks skip 3/8 of the
+# logits (and their memory) exactly.
+QUERY_CHUNKS = 4
 
 
 class Einsum(nnx.Module):
@@ -36,7 +41,7 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """rng: LoRA dropout key (None: no dropout)."""
-    return add_lora(x, jnp.einsum(self.equation, x, kernel(self, "w", x.dtype)), self.w_lora,
+    return add_lora(x, weight_einsum(self.equation, x, kernel(self, "w", x.dtype)), self.w_lora,
                     rng)
 
   def each(self, x: jax.Array, rng: jax.Array | None = None) -> list[jax.Array]:
@@ -46,7 +51,7 @@ class Einsum(nnx.Module):
     weight at every call, which dominates a decode step there.
     """
     w = kernel(self, "w", x.dtype)
-    return [add_lora(x, jnp.einsum(self.equation, x, w[i]), self.w_lora, rng, i)
+    return [add_lora(x, weight_einsum(self.equation, x, w[i]), self.w_lora, rng, i)
             for i in range(w.shape[0])]
 
 
@@ -104,9 +109,25 @@ class Attention(nnx.Module):
       k, v, k_positions, k_segments = (cache.k[layer], cache.v[layer], cache.positions,
                                        cache.segment_ids)
     mask = attention_mask(positions, segment_ids, k_positions, k_segments, window)
-    out = self.attn_vec_einsum(dot_product_attention(q, k, v, mask, self.logits_softcap),
-                               rngs[2])
+    attend = dot_product_attention if cache is not None else causal_attention
+    out = self.attn_vec_einsum(attend(q, k, v, mask, self.logits_softcap), rngs[2])
     return out, cache
+
+
+def causal_attention(q, k, v, mask, logits_softcap):
+  """dot_product_attention of tokens attending to each other (k, v from the same tokens as q).
+
+  Query chunk i reads keys up to the chunk's end only: every key after it is masked anyway
+  while positions increase along each segment (see attention_mask). Fully masked rows
+  (padding) then average fewer values than in dot_product_attention; nothing reads them.
+  """
+  t = q.shape[1]
+  chunks = QUERY_CHUNKS if t % QUERY_CHUNKS == 0 else 1
+  size = t // chunks
+  return jnp.concatenate([
+      dot_product_attention(q[:, i * size:end], k[:, :end], v[:, :end],
+                            mask[:, i * size:end, :end], logits_softcap)
+      for i, end in enumerate(range(size, t + 1, size))], axis=1)
 
 
 def dot_product_attention(q, k, v, mask, logits_softcap):

@@ -4,6 +4,8 @@ Gemma 1, 2 and 3 text differ only through ModelConfig fields. Every layer's para
 stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time does not grow
 with depth; per-layer differences (sliding window, RoPE base and scale) ride along as scanned
 values; a KV cache (stacked on the same leading axis) rides in the scan's carry.
+ModelConfig.scan_layers=False runs the same per-layer function over the same stacked weights
+in a Python loop instead.
 """
 
 from __future__ import annotations
@@ -19,18 +21,23 @@ from gemma_jax.config import ModelConfig
 from gemma_jax.sharding import constrain
 from gemma_jax.model.attention import NO_WINDOW, Attention
 from gemma_jax.model.cache import KVCache
-from gemma_jax.model.layers import FeedForward, RMSNorm, make_param, softcap
+from gemma_jax.model.layers import WEIGHT_DOT, FeedForward, RMSNorm, make_param, softcap
 
 # Logical axes of the residual stream; pins the batch split so XLA never trades it for the
 # fsdp split of the weights (which would leave whole batches on every device).
 ACTIVATION_AXES = ("batch", "length", "act_embed")
 _SAVE_QKV = ("query_proj", "key_proj", "value_proj")
+_policies = jax.checkpoint_policies
+# Weight products run through weight_einsum, a custom_vjp that dot policies cannot see into:
+# its outputs carry the name WEIGHT_DOT instead (they are the no-batch-dims dots).
+_SAVE_WEIGHT_DOTS = _policies.save_only_these_names(WEIGHT_DOT)
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_SAVE_QKV),
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _SAVE_WEIGHT_DOTS),
+    "dots_with_no_batch_dims": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _SAVE_WEIGHT_DOTS),
+    "save_qkv_proj": _policies.save_only_these_names(*_SAVE_QKV),
 }
 
 
@@ -150,7 +157,11 @@ class Transformer(nnx.Module):
     if policy != "none":
       one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[policy], prevent_cse=False)
     per_layer = (weights, layer_values(cfg), jnp.arange(cfg.num_layers))
-    (x, cache), _ = jax.lax.scan(one_layer, (x, cache), per_layer)
+    if cfg.scan_layers:
+      (x, cache), _ = jax.lax.scan(one_layer, (x, cache), per_layer)
+    else:  # one traced copy per layer: no stacked residuals, compile time grows with depth
+      for i in range(cfg.num_layers):
+        (x, cache), _ = one_layer((x, cache), jax.tree.map(lambda a: a[i], per_layer))
     if cache is not None:
       cache = dataclasses.replace(cache, index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
