@@ -1,15 +1,16 @@
 """Training throughput on this CPU: tokens/s and model FLOP/s of the real train step for a
 ~20M-parameter Gemma 3-style model, as a fraction of the matmul peak measured in the same run.
 
-  python benchmarks/train_throughput.py [--steps 5] [--batch_size 8] [--seq_len 256]
+  python benchmarks/train_throughput.py [--steps 8] [--batch_size 8] [--seq_len 256]
       [--json runs/train_throughput.json]
 
 The step is the trainer's (gemma_jax.train_step: AdamW, chunked cross-entropy, donation) on
 one CPU device (all cores), fed synthetic token batches, so data loading is not measured
 (benchmarks/data_throughput.py covers it). Model FLOPs are gemma_jax.flops (6N + attention
 per token, causal, sliding-window aware), the figure MFU uses. The peak is the best float32
-n x n matmul (n = 2048) on the same device, measured before and between the cases; on a
-shared machine the best step time and the best peak seen are the least disturbed figures.
+n x n matmul (n = 2048) on the same device. All cases are compiled first, then timed in
+rounds of one step each plus one peak measurement; on a shared machine the best step time
+and the best peak seen are the least disturbed figures.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ MODEL = dict(vocab_size=4096, embed_dim=512, num_layers=6, num_heads=8, num_kv_h
 OPTIMIZER = dict(learning_rate=3e-4, schedule="cosine", warmup_steps=10, end_lr_fraction=0.1,
                  b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embedding=False,
                  decay_norms=False, grad_clip_norm=1.0)
-CASES = [  # compute dtype, remat policy
-    ("float32", "none"),
-    ("float32", "full"),
-    ("bfloat16", "none"),
-    ("bfloat16", "full"),
+CASES = [  # compute dtype, remat policy, layers run by lax.scan (else a Python loop)
+    ("float32", "none", False),
+    ("float32", "none", True),
+    ("float32", "full", False),
+    ("bfloat16", "none", False),
 ]
 
 
@@ -59,37 +60,41 @@ def batch(cfg, batch_size: int, seq_len: int, seed: int) -> dict[str, np.ndarray
           "loss_weights": np.ones((batch_size, seq_len), np.float32)}
 
 
-def measure(dtype: str, remat: str, args: argparse.Namespace) -> dict[str, float]:
-  cfg = get_config("tiny_gemma3", dtype=dtype, remat_policy=remat, **MODEL)
-  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=1000)
-  loss_fn = lambda model, b, rng: lm_loss(model, b, rng, mesh=mesh)
-  step = make_train_step(nnx.split(abstract_model(cfg))[0], optimizer, loss_fn, schedule)
-  with jax.set_mesh(mesh):
-    state, shardings = init_train_state(cfg, optimizer, mesh, seed=0)
-    jitted = jit_train_step(step, shardings, mesh)
-    batches = [batch(cfg, args.batch_size, args.seq_len, i) for i in range(args.steps + 1)]
+class Case:
+  """One compiled train step (dtype, remat policy, scan or loop) with its state and batches."""
+
+  def __init__(self, dtype: str, remat: str, scan_layers: bool, mesh, args: argparse.Namespace):
+    self.cfg = get_config("tiny_gemma3", dtype=dtype, remat_policy=remat,
+                          scan_layers=scan_layers, **MODEL)
+    self.row = {"dtype": dtype, "remat": remat, "scan_layers": scan_layers,
+                "params": param_count(self.cfg)}
+    optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=1000)
+    loss_fn = lambda model, b, rng: lm_loss(model, b, rng, mesh=mesh)
+    step = make_train_step(nnx.split(abstract_model(self.cfg))[0], optimizer, loss_fn, schedule)
+    self.state, shardings = init_train_state(self.cfg, optimizer, mesh, seed=0)
+    self.jitted = jit_train_step(step, shardings, mesh)
+    self.batches = [batch(self.cfg, args.batch_size, args.seq_len, i) for i in range(2)]
+    self.row["first_step_s"] = self.step(0)  # compiles
+    self.times = []
+
+  def step(self, i: int) -> float:
     start = time.perf_counter()
-    state, metrics = jitted(state, batches[0])
+    self.state, metrics = self.jitted(self.state, self.batches[i % 2])
     jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    times = []
-    for b in batches[1:]:
-      start = time.perf_counter()
-      state, metrics = jitted(state, b)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-  step_s = min(times)  # the machine is shared: the best step is the least disturbed
-  tokens = args.batch_size * args.seq_len
-  model_flops = flops.train_flops_per_token(cfg, args.seq_len) * tokens / step_s
-  return {"dtype": dtype, "remat": remat, "params": param_count(cfg),
-          "first_step_s": compile_s, "step_s": step_s, "median_step_s": float(np.median(times)),
-          "tokens_per_s": tokens / step_s, "model_flops_per_s": model_flops}
+    return time.perf_counter() - start
+
+  def result(self, args: argparse.Namespace, peak: float) -> dict:
+    step_s = min(self.times)  # the machine is shared: the best step is the least disturbed
+    tokens = args.batch_size * args.seq_len
+    model_flops = flops.train_flops_per_token(self.cfg, args.seq_len) * tokens / step_s
+    return {**self.row, "step_s": step_s, "median_step_s": float(np.median(self.times)),
+            "tokens_per_s": tokens / step_s, "model_flops_per_s": model_flops,
+            "fraction_of_peak": model_flops / peak}
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per case (best kept)")
+  parser.add_argument("--steps", type=int, default=8, help="timed steps per case (best kept)")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--json", default="runs/train_throughput.json")
@@ -97,19 +102,27 @@ def main(argv: list[str] | None = None) -> int:
   device = jax.devices()[0]
   print(f"{device.device_kind} ({os.cpu_count()} cores), batch {args.batch_size} x "
         f"{args.seq_len} tokens, best of {args.steps} timed steps per case")
-  results, peaks = [], [measure_matmul_flops(repeats=10, device=device)]
-  for dtype, remat in CASES:
-    results.append(measure(dtype, remat, args))
-    peaks.append(measure_matmul_flops(repeats=10, device=device))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), [device])
+  peaks = []
+  with jax.set_mesh(mesh):
+    cases = [Case(*case, mesh, args) for case in CASES]
+    # Rounds of one step per case and one peak measurement: every case and the peak see the
+    # same mix of quiet and busy moments on a shared machine.
+    for i in range(args.steps):
+      peaks.append(measure_matmul_flops(repeats=5, device=device))
+      for case in cases:
+        case.times.append(case.step(i + 1))
   peak = max(peaks)  # the least disturbed of the measurements
-  print(f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s (measurements: "
-        f"{', '.join(f'{p / 1e9:.1f}' for p in peaks)})")
-  print(f"{'dtype':<9} {'remat':<5} {'params':>11} {'first step s':>12} {'step s':>7} "
-        f"{'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>7}")
+  results = [case.result(args, peak) for case in cases]
+  print(f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements, "
+        f"median {np.median(peaks) / 1e9:.1f})")
+  print(f"{'dtype':<9} {'remat':<5} {'layers':<6} {'params':>11} {'first step s':>12} "
+        f"{'step s':>7} {'median s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>7}")
   for r in results:
-    r["fraction_of_peak"] = r["model_flops_per_s"] / peak
-    print(f"{r['dtype']:<9} {r['remat']:<5} {r['params']:>11,} {r['first_step_s']:>12.1f} "
-          f"{r['step_s']:>7.2f} {r['tokens_per_s']:>9,.0f} {r['model_flops_per_s'] / 1e9:>8.1f} "
+    layers = "scan" if r["scan_layers"] else "loop"
+    print(f"{r['dtype']:<9} {r['remat']:<5} {layers:<6} {r['params']:>11,} "
+          f"{r['first_step_s']:>12.1f} {r['step_s']:>7.2f} {r['median_step_s']:>8.2f} "
+          f"{r['tokens_per_s']:>9,.0f} {r['model_flops_per_s'] / 1e9:>8.1f} "
           f"{r['fraction_of_peak']:>7.1%}")
   out = pathlib.Path(args.json)
   out.parent.mkdir(parents=True, exist_ok=True)
