@@ -23,8 +23,10 @@ MASK_VALUE = -2.3819763e38
 NO_WINDOW = 2**30
 # A sequence attending to itself is split into this many query chunks, each reading only the
 # keys up to its own end: causal attention never looks further, so 4 chunks skip 3/8 of the
-# logits (and their memory) exactly.
+# logits (and their memory) exactly. Shorter chunks than the minimum cost more in per-op
+# overhead and compile time than they save.
 QUERY_CHUNKS = 4
+MIN_QUERY_CHUNK = 64
 
 
 class Einsum(nnx.Module):
@@ -122,7 +124,7 @@ def causal_attention(q, k, v, mask, logits_softcap):
   (padding) then average fewer values than in dot_product_attention; nothing reads them.
   """
   t = q.shape[1]
-  chunks = QUERY_CHUNKS if t % QUERY_CHUNKS == 0 else 1
+  chunks = QUERY_CHUNKS if t % QUERY_CHUNKS == 0 and t >= QUERY_CHUNKS * MIN_QUERY_CHUNK else 1
   size = t // chunks
   return jnp.concatenate([
       dot_product_attention(q[:, i * size:end], k[:, :end], v[:, :end],
