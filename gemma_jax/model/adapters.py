@@ -48,7 +48,8 @@ def add_lora(x: jax.Array, y: jax.Array, adapter: LoRA | None, rng, index: int |
   return y if adapter is None else y + adapter(x, rng, index)
 
 
-def _split_equation(equation: str) -> tuple[str, str, str]:
+def split_equation(equation: str) -> tuple[str, str, str]:
+  """'x,w->out' -> (x, w, out) index strings."""
   inputs, out = equation.replace(" ", "").split("->")
   x_spec, w_spec = inputs.split(",")
   return x_spec, w_spec, out
@@ -69,7 +70,7 @@ class LoRA(nnx.Module):
   def __init__(self, equation: str, w_shape: tuple[int, ...], w_axes: tuple[str | None, ...],
                *, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs,
                param_dtype=jnp.float32):
-    x_spec, w_spec, out_spec = _split_equation(equation)
+    x_spec, w_spec, out_spec = split_equation(equation)
     n_stack = len(w_shape) - len(w_spec)
     dims = dict(zip(w_spec, zip(w_shape[n_stack:], w_axes[n_stack:])))
     ins = [c for c in w_spec if c in x_spec and c not in out_spec]

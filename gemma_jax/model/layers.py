@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from gemma_jax.model.adapters import add_lora, kernel
+from gemma_jax.model.adapters import add_lora, kernel, split_equation
 
 Axes = tuple[str | None, ...]
 
@@ -43,8 +43,7 @@ def _weight_einsum_fwd(equation, x, w, preferred_element_type):
 def _weight_einsum_bwd(equation, preferred_element_type, residuals, g):
   del preferred_element_type  # the gradients take their inputs' dtypes, as in autodiff
   x, w = residuals
-  inputs, out = equation.replace(" ", "").split("->")
-  x_spec, w_spec = inputs.split(",")
+  x_spec, w_spec, out = split_equation(equation)
   dx = jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w)
   dw = jnp.einsum(f"{x_spec},{out}->{w_spec}", x, g)
   return dx.astype(x.dtype), dw.astype(w.dtype)
