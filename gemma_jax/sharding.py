@@ -150,9 +150,15 @@ def param_shardings(abstract_state, mesh: Mesh):
   return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
 
 
+def batch_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> tuple[str, ...]:
+  """The mesh axes a batch is split over: the rule of the logical axis `batch`, in this mesh.
+  Everything that splits a batch (data pipeline, train step, losses, sampler) asks here."""
+  return tuple(a for a in LOGICAL_RULES["batch"] if a in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) dimension over (data, fsdp); the rest whole."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+  """Leading (batch) dimension over the batch axes; the rest whole."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
