@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from gemma_jax.remat import POLICIES as REMAT_POLICIES
+
 AttentionKind = Literal["global", "local"]
 
 GEMMA1_FLAX_VOCAB = 256_128
@@ -45,7 +47,7 @@ class ModelConfig:
   max_seq_len: int = 8192
   param_dtype: str = "float32"
   dtype: str = "bfloat16"  # compute dtype; norms, softmax, softcaps and logits stay float32
-  # Rematerialisation of each scanned block, see model.transformer.REMAT_POLICIES.
+  # Rematerialisation of each scanned block, one of gemma_jax.remat.POLICIES.
   remat_policy: str = "none"
   # Run the layers with lax.scan (compile time independent of depth) or as a Python loop,
   # which skips stacking every layer's activations for the backward pass: about 5% faster
@@ -85,10 +87,10 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
 
-# "none": keep every activation; "full": keep only the block input; "dots": keep matmul
-# outputs; "dots_with_no_batch_dims": keep matmul outputs without batch dims (weights-only
-# products); "save_qkv_proj": keep the q/k/v projections and nothing else.
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
+
+# ModelConfig fields that change numerics or speed only, never the parameters: a workdir may
+# be resumed, and a model directory loaded, with other values.
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "max_seq_len")
 
 
 def _check_positive(cfg: ModelConfig, *keys: str) -> None:

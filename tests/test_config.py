@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from gemma_jax.config import OFFICIAL_PRESETS, REMAT_POLICIES, ModelConfig, get_config
+from gemma_jax.config import OFFICIAL_PRESETS, ModelConfig, get_config
 from gemma_jax.model import param_count, param_count_breakdown
-from gemma_jax.model.transformer import REMAT_POLICIES as MODEL_REMAT_POLICIES
 from hf_reference import hf_config, hf_model_class
 
 # Published totals (model cards / reference configs; Gemma 3 = text tower only).
@@ -56,10 +55,6 @@ def test_layer_patterns():
   kinds = get_config("gemma3_12b").layer_kinds()
   assert [i for i, k in enumerate(kinds) if k == "global"] == [5, 11, 17, 23, 29, 35, 41, 47]
   assert set(get_config("gemma_7b").layer_kinds()) == {"global"}
-
-
-def test_remat_policy_names_agree():
-  assert set(REMAT_POLICIES) == set(MODEL_REMAT_POLICIES)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma_jax.config import ModelConfig
+from gemma_jax.remat import KEY_PROJ, QUERY_PROJ, VALUE_PROJ
 from gemma_jax.model.adapters import add_lora, kernel
 from gemma_jax.model.cache import KVCache
 from gemma_jax.model.layers import (RMSNorm, apply_rope, make_param, softcap, stacked,
@@ -98,9 +99,9 @@ class Attention(nnx.Module):
     rng: LoRA dropout key (None: no dropout).
     """
     rngs = (None,) * 3 if rng is None else tuple(jax.random.split(rng, 3))
-    q = checkpoint_name(self.q_einsum(x, rngs[0]), "query_proj")
+    q = checkpoint_name(self.q_einsum(x, rngs[0]), QUERY_PROJ)
     k, v = self.kv_einsum.each(x, rngs[1])
-    k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
+    k, v = checkpoint_name(k, KEY_PROJ), checkpoint_name(v, VALUE_PROJ)
     if self.use_qk_norm:
       q, k = self.query_norm(q), self.key_norm(k)
     q = apply_rope(q, positions, rope_base, rope_scale) * jnp.asarray(self.query_scale, x.dtype)

@@ -10,12 +10,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma_jax.model.adapters import add_lora, kernel, split_equation
+from gemma_jax.remat import WEIGHT_DOT
 
 Axes = tuple[str | None, ...]
-
-
-# The name of every weight_einsum output, so remat policies can save them like plain dots.
-WEIGHT_DOT = "weight_dot"
 
 
 def weight_einsum(equation: str, x: jax.Array, w: jax.Array, preferred_element_type=None

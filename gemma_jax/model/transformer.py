@@ -17,28 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma_jax import remat
 from gemma_jax.config import ModelConfig
 from gemma_jax.sharding import constrain
 from gemma_jax.model.attention import NO_WINDOW, Attention
 from gemma_jax.model.cache import KVCache
-from gemma_jax.model.layers import WEIGHT_DOT, FeedForward, RMSNorm, make_param, softcap
+from gemma_jax.model.layers import FeedForward, RMSNorm, make_param, softcap
 
 # Logical axes of the residual stream; pins the batch split so XLA never trades it for the
 # fsdp split of the weights (which would leave whole batches on every device).
 ACTIVATION_AXES = ("batch", "length", "act_embed")
-_SAVE_QKV = ("query_proj", "key_proj", "value_proj")
-_policies = jax.checkpoint_policies
-# Weight products run through weight_einsum, a custom_vjp that dot policies cannot see into:
-# its outputs carry the name WEIGHT_DOT instead (they are the no-batch-dims dots).
-_SAVE_WEIGHT_DOTS = _policies.save_only_these_names(WEIGHT_DOT)
-REMAT_POLICIES = {
-    "none": None,
-    "full": _policies.nothing_saveable,
-    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots, _SAVE_WEIGHT_DOTS),
-    "dots_with_no_batch_dims": _policies.save_from_both_policies(
-        _policies.dots_with_no_batch_dims_saveable, _SAVE_WEIGHT_DOTS),
-    "save_qkv_proj": _policies.save_only_these_names(*_SAVE_QKV),
-}
 
 
 class Embedder(nnx.Module):
@@ -155,7 +143,7 @@ class Transformer(nnx.Module):
 
     policy = cfg.remat_policy
     if policy != "none":
-      one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[policy], prevent_cse=False)
+      one_layer = jax.checkpoint(one_layer, policy=remat.POLICIES[policy], prevent_cse=False)
     per_layer = (weights, layer_values(cfg), jnp.arange(cfg.num_layers))
     if cfg.scan_layers:
       (x, cache), _ = jax.lax.scan(one_layer, (x, cache), per_layer)
