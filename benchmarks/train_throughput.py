@@ -25,15 +25,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from gemma_jax import flops, sharding  # noqa: E402
 from gemma_jax.config import get_config  # noqa: E402
 from gemma_jax.metrics import measure_matmul_flops  # noqa: E402
-from gemma_jax.model import abstract_model, param_count  # noqa: E402
+from gemma_jax.model import param_count  # noqa: E402
 from gemma_jax.optim import make_optimizer  # noqa: E402
-from gemma_jax.train_step import (init_train_state, jit_train_step, lm_loss,  # noqa: E402
-                                  make_train_step)
+from gemma_jax.train_state import RunLayout  # noqa: E402
+from gemma_jax.train_step import jit_train_step, lm_loss  # noqa: E402
 
 # ~21M parameters: 6 layers (5 local, window 128, then 1 global), d=512, 8 query / 4 kv heads.
 MODEL = dict(vocab_size=4096, embed_dim=512, num_layers=6, num_heads=8, num_kv_heads=4,
@@ -70,9 +69,9 @@ class Case:
                 "params": param_count(self.cfg)}
     optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=1000)
     loss_fn = lambda model, b, rng: lm_loss(model, b, rng, mesh=mesh)
-    step = make_train_step(nnx.split(abstract_model(self.cfg))[0], optimizer, loss_fn, schedule)
-    self.state, shardings = init_train_state(self.cfg, optimizer, mesh, seed=0)
-    self.jitted = jit_train_step(step, shardings, mesh)
+    layout = RunLayout.build(self.cfg, optimizer, mesh)
+    self.state = layout.init(seed=0)
+    self.jitted = jit_train_step(layout, loss_fn, schedule)
     self.batches = [batch(self.cfg, args.batch_size, args.seq_len, i) for i in range(2)]
     self.row["first_step_s"] = self.step(0)  # compiles
     self.times = []

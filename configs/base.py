@@ -17,7 +17,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from gemma_jax import sharding
+from gemma_jax import lora, rl, sharding
+from gemma_jax.checkpoint import CONFIG_FILE
 from gemma_jax.config import ModelConfig
 from gemma_jax.data import default_config as data_config
 from gemma_jax.data.config import parse_config as parse_data_config
@@ -25,7 +26,6 @@ from gemma_jax.optim import make_optimizer
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 NON_FINITE = ("skip", "stop")
-RLHF_TRUNCATED = ("keep", "zero", "penalty")  # gemma_jax.rl.TRUNCATED_MODES
 
 
 class ConfigError(ValueError):
@@ -86,16 +86,16 @@ def get_config() -> ml_collections.ConfigDict:
       async_save=True))  # write in the background while training goes on
   c.logging = ml_collections.ConfigDict(dict(
       every=10, console=True, jsonl=True, tensorboard=True))
-  # A model directory (gemma_jax.checkpoint.save_model_dir / convert) whose params start the
-  # run instead of a random init; unused once the workdir holds a checkpoint.
+  # A directory that loads as a model (gemma_jax.model_dir: a converted model, a trainer's
+  # workdir, a LoRA run's, merged) whose params start the run instead of a random init;
+  # unused once the workdir holds a checkpoint.
   c.init_from = ""
   # LoRA / QLoRA (gemma_jax.lora); rank 0 = full training. With rank > 0 only the adapters
   # are trained and hold optimizer state; the base (init_from, else the random init) is frozen
   # and, with quantize, stored block-quantized and dequantized in the matmuls.
   c.lora = ml_collections.ConfigDict(dict(
-      rank=0, alpha=16.0, dropout=0.0,
-      targets=("q_einsum", "kv_einsum", "attn_vec_einsum", "gating_einsum", "linear"),
-      quantize="",       # "" | "int8" | "int4" | "nf4"
+      rank=0, alpha=16.0, dropout=0.0, targets=lora.TARGETS,
+      quantize="",       # one of lora.QUANTIZE: "" | "int8" | "int4" | "nf4"
       block_size=64))    # weights per quantization scale
   # Sample generations from the current weights, logged to the console and
   # WORKDIR/samples.jsonl every `every` steps (and at the end); 0 = never.
@@ -161,22 +161,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
   _at_least(c.eval, "eval", every=0, batches=1)
   _check_reward_and_rlhf(c)
   _check_lora_and_samples(c)
-  if c.init_from and not os.path.isfile(os.path.join(c.init_from, "config.json")):
+  if c.init_from and not os.path.isfile(os.path.join(c.init_from, CONFIG_FILE)):
     raise ConfigError(f"config.init_from={c.init_from!r} is not a model directory "
                       "(no config.json)")
   return cfg
 
 
 def _check_lora_and_samples(c) -> None:
-  from gemma_jax.lora import LoRAConfig  # local: the model code is not needed otherwise
-
   if c.lora.rank < 0:
     raise ConfigError(f"config.lora.rank={c.lora.rank} must be >= 0 (0 = full training)")
   if not c.lora.rank and c.lora.quantize:
     raise ConfigError(f"config.lora.quantize={c.lora.quantize!r} needs config.lora.rank > 0: "
                       "a quantized base can only be trained through adapters")
   try:
-    LoRAConfig.from_config(c.lora)
+    lora.LoRAConfig.from_config(c.lora)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from e
   s = c.samples
@@ -204,8 +202,9 @@ def _check_reward_and_rlhf(c) -> None:
   for key in ("beta", "reward_clip", "truncated_penalty"):
     if r[key] < 0:
       raise ConfigError(f"config.rlhf.{key}={r[key]} must be >= 0")
-  if r.truncated not in RLHF_TRUNCATED:
-    raise ConfigError(f"config.rlhf.truncated={r.truncated!r}; choose one of {RLHF_TRUNCATED}")
+  if r.truncated not in rl.TRUNCATED_MODES:
+    raise ConfigError(f"config.rlhf.truncated={r.truncated!r}; choose one of "
+                      f"{rl.TRUNCATED_MODES}")
   if not all(isinstance(s, str) and s for s in r.stop):
     raise ConfigError(f"config.rlhf.stop={r.stop!r} must hold non-empty strings")
   if r.reward_fn and r.reward_model:

@@ -1,30 +1,33 @@
-"""Model directories: the weights, ModelConfig and tokenizer of one model, saved atomically.
+"""The files on disk: model directories (saved atomically) and train checkpoints (orbax).
 
-Layout of a model directory (what `gemma_jax.convert` writes and generate/serve/trainers read):
+Layout of a model directory (what `gemma_jax.convert` writes; gemma_jax.model_dir reads it
+and every other kind of directory that loads as a model):
   config.json       dataclasses.asdict(ModelConfig)
   tokenizer.model   SentencePiece model (optional)
   params/           orbax checkpoint of the parameter tree (nnx.State.to_pure_dict())
 
 Everything is written into a sibling temporary directory which is renamed into place last, so
-a crash mid-save never leaves a half-written model under the final name.
+a crash mid-save never leaves a half-written model under the final name. Train checkpoints
+live under WORKDIR/checkpoints/<step>/ (TrainCheckpointer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from gemma_jax import distributed
 from gemma_jax.config import ModelConfig
-from gemma_jax.model import Transformer, abstract_model
+from gemma_jax.train_state import TrainState
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -36,11 +39,11 @@ log = logging.getLogger(__name__)
 def save_model_dir(directory: str | os.PathLike, cfg: ModelConfig, params,
                    tokenizer_model: bytes | str | os.PathLike | None = None,
                    overwrite: bool = False) -> Path:
-  """Save params (an nnx.State, a pure dict, or a Transformer) with their config and tokenizer."""
+  """Save params (an nnx.State, a pure dict, or a model) with their config and tokenizer."""
   directory = Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise FileExistsError(f"model directory {directory} exists; pass overwrite=True to replace it")
-  if isinstance(params, Transformer):
+  if isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
   if isinstance(params, nnx.State):
     params = params.to_pure_dict()
@@ -80,42 +83,14 @@ def load_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
   return ModelConfig(**{**fields, **overrides})
 
 
-def load_model_dir(directory: str | os.PathLike, shardings=None,
-                   **config_overrides) -> tuple[ModelConfig, Transformer, Path | None]:
-  """(config, model, tokenizer path or None) from a model directory.
-
-  shardings: optional pytree of jax.sharding.Sharding matching the parameter pure dict; each
-  array is restored straight into its shards. config_overrides change numerics only (e.g.
-  dtype='float32', param_dtype='bfloat16'); shapes must match the saved ones.
-  A trainer workdir (no params/, a checkpoints/ folder) loads its newest checkpoint's params
-  (load_trainer_checkpoint); a LoRA run's workdir (lora.json) its base with the newest
-  adapters (gemma_jax.lora.load; unsharded).
-  """
-  directory = Path(directory).absolute()
-  if not (directory / PARAMS_DIR).exists() and (directory / TRAIN_CHECKPOINT_DIR).is_dir():
-    if (directory / "lora.json").is_file():  # a LoRA run: its base plus the adapters
-      from gemma_jax import lora  # local: gemma_jax.lora imports this module
-
-      return lora.load(directory, **config_overrides)
-    return load_trainer_checkpoint(directory, shardings=shardings, **config_overrides)
-  cfg = load_config(directory, **config_overrides)
-  model = abstract_model(cfg)
-  graphdef, abstract = nnx.split(model)
-  target = abstract.to_pure_dict()
-  if shardings is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          target, shardings)
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          target)
+def restore_params(directory: str | os.PathLike, target: dict) -> dict:
+  """A model directory's params/, restored into `target` (ShapeDtypeStructs with
+  shardings)."""
+  path = Path(directory) / PARAMS_DIR
   try:
-    params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
+    return ocp.StandardCheckpointer().restore(path, target)
   except (ValueError, KeyError) as e:
-    raise ValueError(f"{directory / PARAMS_DIR}: parameters do not match {cfg.name!r}: {e}") from e
-  abstract.replace_by_pure_dict(params)
-  tokenizer = directory / TOKENIZER_FILE
-  return cfg, nnx.merge(graphdef, abstract), tokenizer if tokenizer.is_file() else None
+    raise ValueError(f"{path}: parameters do not match {load_config(directory).name!r}: {e}") from e
 
 
 # Trainer checkpoints: the whole train state of a run, under WORKDIR/checkpoints/<step>/.
@@ -123,7 +98,7 @@ TRAIN_CHECKPOINT_DIR = "checkpoints"
 
 
 class TrainCheckpointer:
-  """An orbax CheckpointManager for train states {params, opt_state, step, rng}.
+  """An orbax CheckpointManager for TrainStates (what trains: a frozen part is rebuilt).
 
   Each step directory holds the items `params`, `opt_state`, `meta` ({step, rng}) and `data`
   (the grain iterator state of every process: process_{i}-of-{n}.json). orbax writes a step
@@ -148,41 +123,41 @@ class TrainCheckpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, state: dict, data_iterator=None) -> int:
+  def save(self, state: TrainState, data_iterator=None) -> int:
     """Start saving (in the background if async); the data position is captured now."""
     import grain  # local: model-directory users need no data pipeline
 
-    step = int(state["step"])
-    items = {"params": ocp.args.StandardSave(state["params"]),
-             "opt_state": ocp.args.StandardSave(state["opt_state"]),
-             "meta": ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]})}
+    step = int(state.step)
+    items = {"params": ocp.args.StandardSave(state.params),
+             "opt_state": ocp.args.StandardSave(state.opt_state),
+             "meta": ocp.args.StandardSave({"step": state.step, "rng": state.rng})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     return step
 
-  def restore(self, step: int, abstract_state: dict, data_iterator=None) -> dict:
-    """The state at `step` laid out as `abstract_state` says (ShapeDtypeStructs with
-    shardings); `data_iterator` is moved to the saved position."""
+  def restore(self, step: int, abstract: TrainState, data_iterator=None) -> TrainState:
+    """The state at `step` laid out as `abstract` says (ShapeDtypeStructs with shardings),
+    with frozen=None; `data_iterator` is moved to the saved position."""
     import grain
 
-    items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
-             "opt_state": ocp.args.StandardRestore(abstract_state["opt_state"]),
-             "meta": ocp.args.StandardRestore({"step": abstract_state["step"],
-                                               "rng": abstract_state["rng"]})}
+    items = {"params": ocp.args.StandardRestore(abstract.params),
+             "opt_state": ocp.args.StandardRestore(abstract.opt_state),
+             "meta": ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng})}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return {"params": out["params"], "opt_state": out["opt_state"], **out["meta"]}
+    return abstract.replace(params=out["params"], opt_state=out["opt_state"], frozen=None,
+                            **out["meta"])
 
-  def restore_latest(self, abstract_state: dict, data_iterator=None) -> dict | None:
+  def restore_latest(self, abstract: TrainState, data_iterator=None) -> TrainState | None:
     """The newest step that restores, or None when there is no checkpoint. With several
     processes a step counts only if it restores on every one (e.g. each reads its own data
     state), so all fall back to the same older step together."""
     errors = []
     for step in reversed(self.steps()):
       try:
-        state, error = self.restore(step, abstract_state, data_iterator), None
+        state, error = self.restore(step, abstract, data_iterator), None
       except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
         state, error = None, f"{type(e).__name__}: {e}"
       if distributed.all_true(error is None):
@@ -206,40 +181,43 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def load_trainer_checkpoint(workdir: str | os.PathLike, step: int | None = None, shardings=None,
-                            **config_overrides) -> tuple[ModelConfig, Transformer, Path | None]:
-  """(config, model, tokenizer path or None) from a trainer workdir, as load_model_dir.
-
-  A workdir (python -m trainers.pretrain --workdir DIR) holds config.json and tokenizer.model
-  like a model directory, and the train checkpoints under checkpoints/; the params of `step`
-  (default: the newest) are restored, nothing else. load_model_dir(workdir) calls this.
-  """
-  workdir = Path(workdir).absolute()
-  cfg = load_config(workdir, **config_overrides)
-  graphdef, abstract = nnx.split(abstract_model(cfg))
-  abstract.replace_by_pure_dict(restore_train_params(workdir, abstract.to_pure_dict(),
-                                                     shardings, step))
-  tokenizer = workdir / TOKENIZER_FILE
-  return cfg, nnx.merge(graphdef, abstract), tokenizer if tokenizer.is_file() else None
-
-
-def restore_train_params(workdir: str | os.PathLike, abstract: dict, shardings=None,
+def restore_train_params(workdir: str | os.PathLike, target: dict,
                          step: int | None = None) -> dict:
   """The `params` entry of a trainer workdir's checkpoint `step` (default: the newest),
-  restored into the shapes of `abstract` with `shardings` (default: all on one device)."""
-  directory = Path(workdir).absolute() / TRAIN_CHECKPOINT_DIR
-  manager = ocp.CheckpointManager(directory,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"{directory}: no checkpoint")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"{directory}: no step {step}; steps: {steps}")
-  if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  return manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target)))["params"]
+  restored into `target` (ShapeDtypeStructs with shardings)."""
+  with _read_only_manager(workdir) as manager:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"{manager.directory}: no checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ValueError(f"{manager.directory}: no step {step}; steps: {steps}")
+    return manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+
+
+def params_metadata(workdir: str | os.PathLike) -> dict | None:
+  """The parameter tree (metadata leaves, no arrays) of a workdir's newest checkpoint; None
+  when it has none."""
+  if not (Path(workdir) / TRAIN_CHECKPOINT_DIR).is_dir():
+    return None
+  with _read_only_manager(workdir) as manager:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    path = Path(manager.directory) / str(step) / "params"
+    return ocp.StandardCheckpointer().metadata(path).item_metadata
+
+
+@contextlib.contextmanager
+def _read_only_manager(workdir: str | os.PathLike) -> Iterator[ocp.CheckpointManager]:
+  """A read-only manager of WORKDIR/checkpoints, without the warnings orbax logs for one
+  (and for a StandardSave item, which has no _CHECKPOINT_METADATA file)."""
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    yield ocp.CheckpointManager(Path(workdir).absolute() / TRAIN_CHECKPOINT_DIR,
+                                options=ocp.CheckpointManagerOptions(read_only=True))
+  finally:
+    absl_log.setLevel(level)

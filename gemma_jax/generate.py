@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from gemma_jax.checkpoint import load_model_dir
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.sampler import Sampler, SamplingParams
 from gemma_jax.tokenizer import Tokenizer
 

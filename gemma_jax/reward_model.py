@@ -7,22 +7,18 @@ fills the shared paths; the head starts fresh) and the LM machinery (sharding ru
 train step, checkpoints) applies unchanged. No bias: the Bradley-Terry loss only sees
 differences of rewards.
 
+A reward trainer's workdir loads with gemma_jax.model_dir (load_reward_model).
+
 Packed preference rows: a row may hold several pairs, as segments 1, 2, ... of the same ids in
 its chosen_ and rejected_ halves; the reward of segment s is read at its last token.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
 
-from gemma_jax import sharding
-from gemma_jax.checkpoint import TOKENIZER_FILE, load_config, restore_train_params
 from gemma_jax.config import ModelConfig
 from gemma_jax.model import Transformer
 from gemma_jax.model.layers import make_param
@@ -99,21 +95,3 @@ def sequence_rewards(model: RewardModel, tokens, positions, segment_ids) -> jax.
   values = model.values(tokens, positions, segment_ids)
   rewards, _ = segment_rewards(values, segment_ids)
   return rewards[:, 1]
-
-
-def load_reward_model(workdir: str | os.PathLike, mesh: Mesh, step: int | None = None,
-                      **config_overrides) -> tuple[ModelConfig, RewardModel, Path | None]:
-  """(config, model on `mesh`, tokenizer path) from a reward-trainer workdir (its newest
-  checkpoint unless `step`). The params are restored straight into their shards."""
-  workdir = Path(workdir).absolute()
-  cfg = load_config(workdir, **config_overrides)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_reward_model(cfg)))
-  shardings = sharding.param_shardings(abstract, mesh)
-  try:
-    params = restore_train_params(workdir, abstract.to_pure_dict(), shardings, step)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"{workdir}: not a reward model of {cfg.name!r} (trained with "
-                     f"python -m trainers.reward?): {e}") from e
-  abstract.replace_by_pure_dict(params)
-  tokenizer = workdir / TOKENIZER_FILE
-  return cfg, nnx.merge(graphdef, abstract), tokenizer if tokenizer.is_file() else None

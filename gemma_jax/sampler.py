@@ -9,8 +9,9 @@ samples every row's first token; decoding runs up to `chunk_size` steps per jitt
 and looks for stop strings, which cannot be matched reliably on token ids.
 
 Shapes are bucketed (batch, prompt length and new-token budget rounded up to powers of two)
-so a server sees few compilations. On a mesh the batch is sharded over `batch_axes`; the
-parameters are used with whatever sharding they already have (they must live on the mesh).
+so a server sees few compilations. On a mesh the batch is sharded over `batch_axes` (default:
+sharding.batch_axes, as in training); the parameters are used with whatever sharding they
+already have (they must live on the mesh).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gemma_jax import sharding
 from gemma_jax.model import CACHE_AXES, KVCache, Transformer, init_cache
 from gemma_jax.tokenizer import Tokenizer
 
@@ -313,14 +315,16 @@ class Sampler:
   """
 
   def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, *,
-               mesh: Mesh | None = None, batch_axes: tuple[str, ...] = ("data",),
+               mesh: Mesh | None = None, batch_axes: tuple[str, ...] | None = None,
                stop_token_ids: Sequence[int] | None = None, chunk_size: int = 16):
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.tokenizer = tokenizer
+    if mesh is not None and batch_axes is None:
+      batch_axes = sharding.batch_axes(mesh)
     if mesh is not None and (missing := [a for a in batch_axes if a not in mesh.axis_names]):
       raise ValueError(f"batch_axes {missing} are not axes of the mesh {mesh.axis_names}")
-    self.mesh, self.batch_axes = mesh, tuple(batch_axes)
+    self.mesh, self.batch_axes = mesh, tuple(batch_axes or ())
     if stop_token_ids is None:
       stop_token_ids = _default_stop_ids(tokenizer)
     self.stop_ids = np.asarray(stop_token_ids, np.int32).reshape(-1)

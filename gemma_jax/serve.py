@@ -14,7 +14,7 @@ import sys
 
 import uvicorn
 
-from gemma_jax.checkpoint import load_model_dir
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.sampler import Sampler
 from gemma_jax.serving.api import create_app
 from gemma_jax.serving.engine import Engine

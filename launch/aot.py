@@ -24,13 +24,12 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.base import model_config  # noqa: E402
-from gemma_jax import flops, sharding  # noqa: E402
-from gemma_jax.lora import LoRAConfig  # noqa: E402
+from gemma_jax import flops, lora, sharding  # noqa: E402
 from gemma_jax.metrics import PEAK_FLOPS  # noqa: E402
 from gemma_jax.model import param_count  # noqa: E402
 from gemma_jax.optim import make_optimizer  # noqa: E402
-from gemma_jax.train_step import (BATCH_KEYS, abstract_train_state, jit_train_step,  # noqa: E402
-                                  lm_loss, make_train_step, model_graphdef)
+from gemma_jax.train_state import ModelRecipe, RunLayout  # noqa: E402
+from gemma_jax.train_step import BATCH_KEYS, jit_train_step, lm_loss  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU topology, e.g. v5e:16x16")
@@ -56,32 +55,29 @@ def roofline_seconds(model_flops_per_chip: float, param_bytes: int, fsdp: int, r
 
 
 def compile_train_step(config, devices):
-  """Lower + compile the train step for `devices`; returns (compiled, mesh, cfg, seconds,
-  abstract train state). config.lora.rank > 0 compiles the LoRA / QLoRA step."""
+  """Lower + compile the train step for `devices`; returns (compiled, layout, seconds).
+  config.lora.rank > 0 compiles the LoRA / QLoRA step."""
   cfg = model_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   optimizer, schedule = make_optimizer(config.optimizer, config.train.steps)
-  lora = LoRAConfig.from_config(config.lora)  # None: full training
-  state = abstract_train_state(cfg, optimizer, mesh, lora=lora)
-  weights = state["frozen"] if lora is not None else state["params"]  # as trainers/loop.py
-  sharding.check_replication(weights, jax.tree.map(lambda a: a.sharding, weights),
-                             config.sharding.max_replicated_fraction)
+  lora_cfg = lora.LoRAConfig.from_config(config.lora)  # None: full training
+  recipe = ModelRecipe() if lora_cfg is None else lora.recipe(lora_cfg)
+  layout = RunLayout.build(cfg, optimizer, mesh, recipe)
+  layout.check_replication(config.sharding.max_replicated_fraction)  # as trainers/loop.py
   batch_size, seq_len = config.train.global_batch_size, config.train.seq_len
   batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len),
                                    jnp.float32 if k == "loss_weights" else jnp.int32,
                                    sharding=sharding.batch_sharding(mesh)) for k in BATCH_KEYS}
   loss_fn = lambda model, b, rng: lm_loss(model, b, rng, z_loss=config.train.z_loss, mesh=mesh,
                                           chunk_size=config.train.loss_chunk_size)
-  graphdef = model_graphdef(cfg, lora=lora)
-  step = make_train_step(graphdef, optimizer, loss_fn, schedule, config.train.microbatches)
-  shardings = jax.tree.map(lambda a: a.sharding, state)
+  step = jit_train_step(layout, loss_fn, schedule, microbatches=config.train.microbatches)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = jit_train_step(step, shardings, mesh).lower(state, batch).compile()
-  return compiled, mesh, cfg, time.perf_counter() - start, state
+    compiled = step.lower(layout.abstract, batch).compile()
+  return compiled, layout, time.perf_counter() - start
 
 
-def state_bytes_per_chip(state: dict) -> dict[str, int]:
+def state_bytes_per_chip(state) -> dict[str, int]:
   """Bytes of each train-state entry held by one chip (its shard of every array)."""
   def per_chip(tree) -> int:
     total = 0
@@ -92,7 +88,8 @@ def state_bytes_per_chip(state: dict) -> dict[str, int]:
         n *= d
       total += n * jnp.dtype(a.dtype).itemsize
     return total
-  return {k: per_chip(v) for k, v in state.items() if k in ("params", "frozen", "opt_state")}
+  return {k: per_chip(getattr(state, k)) for k in ("params", "frozen", "opt_state")
+          if getattr(state, k) is not None}
 
 
 def topology_devices(topology: str) -> list:
@@ -107,7 +104,8 @@ def topology_devices(topology: str) -> list:
 
 def report(config, topology: str) -> dict:
   devices = topology_devices(topology)
-  compiled, mesh, cfg, seconds, state = compile_train_step(config, devices)
+  compiled, layout, seconds = compile_train_step(config, devices)
+  mesh, cfg = layout.mesh, layout.cfg
   mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   tokens = config.train.global_batch_size * config.train.seq_len
@@ -125,7 +123,7 @@ def report(config, topology: str) -> dict:
                          "output": mem.output_size_in_bytes, "alias": mem.alias_size_in_bytes,
                          "peak": peak_bytes},
       "per_chip_gib": round(peak_bytes / 2**30, 2),
-      "state_bytes_per_chip": state_bytes_per_chip(state),
+      "state_bytes_per_chip": state_bytes_per_chip(layout.abstract),
       "lora": config.lora.to_dict() if config.lora.rank else None,
       # XLA's cost model; a scanned loop body (one layer) is counted once.
       "xla_flops_per_chip": float(cost["flops"]),

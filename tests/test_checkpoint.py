@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gemma_jax.checkpoint import load_model_dir, save_model_dir
+from gemma_jax.checkpoint import save_model_dir
+from gemma_jax.model_dir import load_model_dir
 from model_utils import random_model, random_tokens
 
 

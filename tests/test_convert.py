@@ -13,7 +13,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from gemma_jax.checkpoint import load_model_dir, save_model_dir
+from gemma_jax.checkpoint import save_model_dir
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.config import get_config
 from gemma_jax.convert import export_hf, import_checkpoint
 from gemma_jax.convert.__main__ import main as convert_main

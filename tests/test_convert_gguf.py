@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-from gemma_jax.checkpoint import load_model_dir
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.convert import gguf_file, import_checkpoint, torch_layout
 from gemma_jax.convert.configs import architecture
 from gemma_jax.convert.layout import scatter

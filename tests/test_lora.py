@@ -16,8 +16,8 @@ from gemma_jax.model import init_model
 from gemma_jax.model.adapters import LoRA
 from gemma_jax.sampler import Sampler, SamplingParams
 from model_utils import greedy_reference
-from gemma_jax.train_step import (init_train_state, lm_loss, make_train_step, model_graphdef,
-                                  model_params, state_shardings)
+from gemma_jax.train_state import RunLayout
+from gemma_jax.train_step import lm_loss, make_train_step
 
 TOKENS = jnp.array([[2, 17, 99, 4, 51, 23, 8, 9, 40, 41, 42, 43]])
 # delta W = A B in each weight's own layout (l = layers, s = the [k, v] / [gate, up] stack),
@@ -120,15 +120,15 @@ def test_train_step_updates_only_adapters():
   lcfg = lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.1, quantize="int8", block_size=16)
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
   optimizer = optax.adamw(1e-2)
-  state, shardings = init_train_state(cfg, optimizer, mesh, seed=0, lora=lcfg)
-  graphdef = model_graphdef(cfg, lora=lcfg)
+  layout = RunLayout.build(cfg, optimizer, mesh, lora.recipe(lcfg))
+  state, shardings = layout.init(seed=0), layout.shardings
   # Optimizer state: Adam's two moments of each adapter, and nothing of the base.
-  adapter_sizes = sorted(x.size for x in jax.tree.leaves(state["params"]))
-  moments = sorted(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
+  adapter_sizes = sorted(x.size for x in jax.tree.leaves(state.params))
+  moments = sorted(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
   assert moments == sorted(adapter_sizes * 2)
-  frozen_before = jax.device_get(state["frozen"])
-  params_before = jax.device_get(state["params"])
-  step = jax.jit(make_train_step(graphdef, optimizer, lm_loss, optax.constant_schedule(1e-2)),
+  frozen_before = jax.device_get(state.frozen)
+  params_before = jax.device_get(state.params)
+  step = jax.jit(make_train_step(layout, lm_loss, optax.constant_schedule(1e-2)),
                  in_shardings=(shardings, None), out_shardings=(shardings, None))
   losses = []
   with jax.set_mesh(mesh):
@@ -137,12 +137,12 @@ def test_train_step_updates_only_adapters():
       losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), frozen_before,
-               state["frozen"])
+               state.frozen)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), params_before,
-                         state["params"])
+                         state.params)
   assert all(jax.tree.leaves(changed))
   # After training: the merged model's logits equal the adapted model's.
-  model = nnx.merge(graphdef, nnx.State(jax.device_get(model_params(state))))
+  model = layout.model(jax.device_get(state.model_params()))
   adapted = np.asarray(_logits(model, TOKENS))
   merged = np.asarray(_logits(lora.merge(model), TOKENS))
   np.testing.assert_allclose(merged, adapted, atol=1e-5 * np.abs(adapted).max())
@@ -152,8 +152,8 @@ def test_shardings_follow_the_rule_table():
   cfg = get_config("tiny_gemma3", dtype="float32")
   lcfg = lora.LoRAConfig(rank=4, quantize="nf4", block_size=16)
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-  s = state_shardings(cfg, optax.adam(1e-3), mesh, lora=lcfg)
-  attn, mlp = s["params"]["layers"]["attn"], s["params"]["layers"]["mlp"]
+  s = RunLayout.build(cfg, optax.adam(1e-3), mesh, lora.recipe(lcfg)).shardings
+  attn, mlp = s.params["layers"]["attn"], s.params["layers"]["mlp"]
   assert attn["q_einsum"]["w_lora"]["a"].spec == P(None, "fsdp", None)  # [L, D, r]
   assert attn["attn_vec_einsum"]["w_lora"]["b"].spec == P(None, None, "fsdp")  # [L, r, D]
   assert mlp["linear_lora"]["b"].spec == P(None, None, "fsdp")
@@ -163,11 +163,11 @@ def test_shardings_follow_the_rule_table():
   assert attn["q_einsum"]["w_lora"]["b"].spec == P(None, None, None, "fsdp")
   assert mlp["gating_einsum_lora"]["b"].spec == P(None, None, None, "fsdp")
   assert mlp["linear_lora"]["a"].spec == P(None, "fsdp", None)
-  frozen = s["frozen"]["layers"]["attn"]["q_einsum"]
+  frozen = s.frozen["layers"]["attn"]["q_einsum"]
   assert frozen["w"].spec == P(None, None, "fsdp", None)  # codes [L, N, D, H/2]
   assert frozen["w_scale"].spec == P(None, None, "fsdp", None)  # scales [L, N, D, H/16]
   # Adam moments take the adapters' shardings.
-  mu = s["opt_state"][0].mu["layers"]["attn"]["q_einsum"]["w_lora"]["a"]
+  mu = s.opt_state[0].mu["layers"]["attn"]["q_einsum"]["w_lora"]["a"]
   assert mu.spec == P(None, "fsdp", None)
 
 

@@ -16,8 +16,9 @@ from configs.base import model_config
 from gemma_jax import checkpoint, metrics
 from gemma_jax.config import get_config
 from gemma_jax.model import init_model
-from gemma_jax.reward_model import (bradley_terry_loss, init_reward_model, load_reward_model,
-                                    segment_rewards, sequence_rewards)
+from gemma_jax.model_dir import load_reward_model
+from gemma_jax.reward_model import (bradley_terry_loss, init_reward_model, segment_rewards,
+                                    sequence_rewards)
 from gemma_jax.tokenizer import Tokenizer
 from trainers import loop, reward
 
@@ -117,7 +118,7 @@ def test_init_from_a_language_model_fills_the_backbone(tmp_path):
   trainer = loop.Trainer(c, tmp_path / "w", reward.TASK)
   with jax.set_mesh(trainer.mesh):
     trainer.init_state()
-  params = jax.device_get(trainer.state["params"])
+  params = jax.device_get(trainer.state.params)
   want = nnx.state(lm, nnx.Param).to_pure_dict()
   jax.tree.map(np.testing.assert_array_equal, {k: params[k] for k in want}, want)
   fresh = nnx.state(init_reward_model(model_config(c), c.train.seed), nnx.Param).to_pure_dict()

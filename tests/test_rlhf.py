@@ -17,7 +17,7 @@ import pytest
 from configs import rlhf_tiny
 from configs.base import ConfigError
 from gemma_jax import metrics
-from trainers import loop, plot, rlhf
+from trainers import hooks, loop, plot, rlhf
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,18 +85,18 @@ def test_demo_reward_rises_with_bounded_kl(tmp_path):
 
 def stop_after(step):
   """rlhf.TASK that asks the loop to save and stop once `step` has run (as SIGTERM does)."""
-  def prepare(trainer, batch):
+  def stop(trainer, batch):
     if trainer.step_count + 1 == step:
       trainer.stop_requested.set()
-    return rlhf.prepare_batch(trainer, batch)
-  return dataclasses.replace(rlhf.TASK, prepare_batch=prepare)
+    return batch
+  return dataclasses.replace(rlhf.TASK, hooks=(hooks.before_step(stop), *rlhf.TASK.hooks))
 
 
 def final_params(workdir, config):
   trainer = loop.Trainer(config, workdir, rlhf.TASK)
   with jax.set_mesh(trainer.mesh):
     trainer.init_state()
-  params = jax.device_get(trainer.state["params"])
+  params = jax.device_get(trainer.state.params)
   trainer.checkpoints.close()
   return params
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import reward_tiny
-from gemma_jax.reward_model import load_reward_model
+from gemma_jax.model_dir import load_reward_model
 from trainers import loop, reward, rlhf
 from test_rlhf import caches, make_config, records  # noqa: F401  (caches: a fixture)
 

@@ -252,7 +252,9 @@ def test_sharded_sampling_matches_unsharded(tiny):
   for g, w in zip(got, want):
     np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
   state = sampler.prefill(prompts, params)
-  assert state.cache.k.sharding.spec[1] == "data" and len(state.cache.k.sharding.device_set) == 4
+  # The batch splits over the mesh's batch axes (sharding.batch_axes), as in training.
+  assert state.cache.k.sharding.spec[1] == ("data", "fsdp")
+  assert len(state.cache.k.sharding.device_set) == 4
 
 
 def test_cached_call_needs_positions(tiny):

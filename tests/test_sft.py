@@ -18,7 +18,9 @@ from gemma_jax.convert import import_checkpoint
 from gemma_jax.convert.__main__ import main as convert_main
 from gemma_jax.data import default_config, make_iterator
 from gemma_jax.losses import chunked_cross_entropy
+from gemma_jax.lora import __main__ as lora_cli
 from gemma_jax.model import init_model
+from gemma_jax.model_dir import load_lora_run, load_model_dir
 from trainers import cli, sft
 
 
@@ -108,7 +110,7 @@ def test_qlora_sft_end_to_end_resume_merge_and_export(tmp_path):
   base_bytes = lora.state_bytes(init_model(cfg, 0))
   # (rank 2 on a 293K-parameter model: 57 KB of adapters; orbax adds its metadata)
   assert _dir_bytes(step_dir / "params") < 0.15 * base_bytes
-  adapters_24 = checkpoint.load_model_dir(wd)[1]  # a LoRA workdir loads as base + adapters
+  adapters_24 = load_model_dir(wd)[1]  # a LoRA workdir loads as base + adapters
 
   # Resume: a longer run continues from step 24 with the saved adapters and rebuilt base.
   assert _run(wd, "--config.train.steps=28", "--config.eval.every=0",
@@ -116,23 +118,23 @@ def test_qlora_sft_end_to_end_resume_merge_and_export(tmp_path):
   metrics = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
   resumed = [m for m in metrics if m.get("step") == 28 and "loss" in m]
   assert resumed and resumed[0]["loss"] < losses[0] - 0.5
-  _, restored, _ = lora.load(wd, step=24)
+  _, restored, _ = load_lora_run(wd, step=24)
   jax.tree.map(np.testing.assert_array_equal, nnx.state(restored, lora.TRAINABLE),
                nnx.state(adapters_24, lora.TRAINABLE))
 
   # Merge into the float base (rebuilt from the run's seed: no init_from) and export to HF.
   out = tmp_path / "merged"
-  assert lora.main(["merge", "--adapters", str(wd), "--out", str(out)]) == 0
-  _, merged, tokenizer = checkpoint.load_model_dir(out)
+  assert lora_cli.main(["merge", "--adapters", str(wd), "--out", str(out)]) == 0
+  _, merged, tokenizer = load_model_dir(out)
   assert tokenizer is not None
-  _, unmerged, _ = lora.load(wd, quantized=False)
+  _, unmerged, _ = load_lora_run(wd, quantized=False)
   tokens = jnp.array([[2, 17, 99, 4, 51, 23, 8, 9]])
   expect = np.asarray(_logits(unmerged, tokens))
   got = np.asarray(_logits(merged, tokens))
   np.testing.assert_allclose(got, expect, atol=1e-5 * np.abs(expect).max())
   assert convert_main(["--from", "model", str(out), "--to-hf", str(tmp_path / "hf")]) == 0
   _, back = import_checkpoint("hf", tmp_path / "hf", tmp_path / "back")
-  _, reloaded, _ = checkpoint.load_model_dir(back, dtype="float32")
+  _, reloaded, _ = load_model_dir(back, dtype="float32")
   np.testing.assert_allclose(np.asarray(_logits(reloaded, tokens)), expect,
                              atol=1e-5 * np.abs(expect).max())
 

@@ -16,8 +16,8 @@ from gemma_jax import sharding
 from gemma_jax.config import get_config
 from gemma_jax.model import abstract_model
 from gemma_jax.optim import make_optimizer, weight_decay_mask
-from gemma_jax.train_step import (init_train_state, jit_train_step, lm_loss, make_train_step,
-                                  state_shardings)
+from gemma_jax.train_state import RunLayout
+from gemma_jax.train_step import jit_train_step, lm_loss
 
 CFG = get_config("tiny_gemma2", dtype="float32")
 
@@ -41,12 +41,11 @@ def run_steps(mesh_sizes, num_steps=2, microbatches=1, devices=None, batch=None)
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes)), devices)
   optimizer, schedule = make_optimizer(optimizer_config(), total_steps=10)
   loss_fn = lambda model, b, rng: lm_loss(model, b, rng, mesh=mesh, chunk_size=40)
-  step = make_train_step(nnx.split(abstract_model(CFG))[0], optimizer, loss_fn, schedule,
-                         microbatches)
+  layout = RunLayout.build(CFG, optimizer, mesh)
   with jax.set_mesh(mesh):
-    state, shardings = init_train_state(CFG, optimizer, mesh, seed=0)
-    initial_params = jax.device_get(state["params"])  # before donation frees the buffers
-    jitted = jit_train_step(step, shardings, mesh)
+    state = layout.init(seed=0)
+    initial_params = jax.device_get(state.params)  # before donation frees the buffers
+    jitted = jit_train_step(layout, loss_fn, schedule, microbatches=microbatches)
     losses = []
     for i in range(num_steps):
       state, metrics = jitted(state, batch if batch is not None else synthetic_batch(seed=i))
@@ -70,13 +69,13 @@ def test_sharded_step_matches_single_device(single_device, mesh_sizes):
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
     np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=2e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5),
-               jax.device_get(state["params"]), jax.device_get(want_state["params"]))
+               jax.device_get(state.params), jax.device_get(want_state.params))
   assert want_metrics[1]["loss"] < want_metrics[0]["loss"] + 1.0  # sanity: a real update ran
 
 
 def _bytes_per_device(state, n):
   per_device = [0] * n
-  for leaf in jax.tree.leaves((state["params"], state["opt_state"])):
+  for leaf in jax.tree.leaves((state.params, state.opt_state)):
     for shard in leaf.addressable_shards:
       per_device[jax.devices().index(shard.device)] += shard.data.nbytes
   return per_device
@@ -86,12 +85,12 @@ def _bytes_per_device(state, n):
 def test_param_and_optimizer_bytes_shrink_with_fsdp(n):
   optimizer, _ = make_optimizer(optimizer_config(), total_steps=10)
   cfg = get_config("tiny_gemma2", embed_dim=128, hidden_dim=256)
-  abstract = jax.eval_shape(lambda: init_train_state(cfg, optimizer, sharding.make_mesh(
-      dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]), 0)[0])
+  abstract = RunLayout.build(cfg, optimizer, sharding.make_mesh(
+      dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])).abstract
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
-      (abstract["params"], abstract["opt_state"])))
+      (abstract.params, abstract.opt_state)))
   mesh = sharding.make_mesh(dict(data=1, fsdp=n, tensor=1), jax.devices()[:n])
-  state, _ = init_train_state(cfg, optimizer, mesh, seed=0)
+  state = RunLayout.build(cfg, optimizer, mesh).init(seed=0)
   per_device = _bytes_per_device(state, n)
   assert sum(per_device) >= total  # every byte is somewhere
   assert max(per_device) <= 1.05 * total / n, (n, per_device, total)
@@ -112,8 +111,8 @@ def test_non_finite_loss_skips_the_update():
   batch["loss_weights"][0, 0] = np.nan
   initial, state, metrics = run_steps(**ONE_DEVICE, num_steps=1, batch=batch)
   assert bool(metrics[0]["skipped"]) and not np.isfinite(metrics[0]["loss"])
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), initial)
-  assert int(state["step"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), initial)
+  assert int(state.step) == 1
 
 
 def test_schedule_and_decay_mask():
@@ -139,10 +138,10 @@ def test_schedule_and_decay_mask():
 def test_optimizer_moments_share_param_shardings():
   optimizer, _ = make_optimizer(optimizer_config(), total_steps=10)
   mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
-  shardings = state_shardings(CFG, optimizer, mesh)
-  mu = shardings["opt_state"][1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
-  assert mu["layers"]["mlp"]["linear"] == shardings["params"]["layers"]["mlp"]["linear"]
-  assert shardings["params"]["layers"]["mlp"]["linear"].spec == jax.sharding.PartitionSpec(
+  shardings = RunLayout.build(CFG, optimizer, mesh).shardings
+  mu = shardings.opt_state[1][0].mu  # chain(clip, adamw) -> adamw's ScaleByAdamState
+  assert mu["layers"]["mlp"]["linear"] == shardings.params["layers"]["mlp"]["linear"]
+  assert shardings.params["layers"]["mlp"]["linear"].spec == jax.sharding.PartitionSpec(
       None, None, "fsdp")
 
 

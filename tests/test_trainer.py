@@ -31,9 +31,10 @@ from flax import nnx
 from configs import tiny
 from configs.base import model_config
 from gemma_jax import checkpoint, metrics
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.optim import make_optimizer
-from gemma_jax.train_step import abstract_train_state
-from trainers import loop, plot, pretrain
+from gemma_jax.train_state import RunLayout
+from trainers import hooks, loop, plot, pretrain
 
 N = 8
 TOTAL = 2 * N
@@ -58,7 +59,7 @@ def inject_nan(trainer, batch):
   return batch
 
 
-TASK = dataclasses.replace(pretrain.TASK, prepare_batch=inject_nan)
+TASK = dataclasses.replace(pretrain.TASK, hooks=(hooks.before_step(inject_nan),))
 
 
 def driver(workdir: str, mode: str) -> None:
@@ -79,7 +80,7 @@ def driver(workdir: str, mode: str) -> None:
   # Evaluation in the reference run only also shows that it leaves training untouched.
   config = make_config(every=N, sources=({"path": tiny.CORPUS},)) if mode == "straight" \
       else make_config()
-  loop.run(config, workdir, dataclasses.replace(TASK, prepare_batch=hook))
+  loop.run(config, workdir, dataclasses.replace(TASK, hooks=(hooks.before_step(hook),)))
 
 
 def run_driver(workdir: Path, mode: str, cache: Path, sig: int | None = None) -> tuple[int, str]:
@@ -109,14 +110,14 @@ def run_driver(workdir: Path, mode: str, cache: Path, sig: int | None = None) ->
 class Run:
   workdir: Path
   losses: dict[int, float]
-  state: dict  # the final checkpoint
+  state: object  # the final checkpoint's TrainState
 
 
 def finished(workdir: Path) -> Run:
   config = make_config()
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
-  abstract = abstract_train_state(model_config(config),
-                                  make_optimizer(config.optimizer, TOTAL)[0], mesh)
+  abstract = RunLayout.build(model_config(config), make_optimizer(config.optimizer, TOTAL)[0],
+                             mesh).abstract
   ckpt = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=3)
   with jax.set_mesh(mesh):
     state = jax.device_get(ckpt.restore(TOTAL, abstract))
@@ -187,7 +188,7 @@ def test_restore_on_another_mesh_gives_the_same_next_loss(straight):
   with jax.set_mesh(trainer.mesh):
     trainer.restore(N)
     loss = float(trainer.step()["loss"])
-  assert trainer.state["params"]["embedder"]["input_embedding"].sharding.spec == \
+  assert trainer.state.params["embedder"]["input_embedding"].sharding.spec == \
       jax.sharding.PartitionSpec("tensor", "fsdp")
   assert loss == pytest.approx(straight.losses[N + 1], rel=1e-5)
 
@@ -207,22 +208,22 @@ def test_interrupted_or_damaged_newest_checkpoint_falls_back(straight, tmp_path)
   assert ckpt.steps() == [N, TOTAL]
   config = make_config()
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
-  abstract = abstract_train_state(model_config(config),
-                                  make_optimizer(config.optimizer, TOTAL)[0], mesh)
+  abstract = RunLayout.build(model_config(config), make_optimizer(config.optimizer, TOTAL)[0],
+                             mesh).abstract
   with jax.set_mesh(mesh):
     state = ckpt.restore_latest(abstract)
     want = ckpt.restore(N, abstract)
-  assert int(state["step"]) == N
+  assert int(state.step) == N
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(want))
 
 
 def test_workdir_loads_like_a_model_directory(straight):
-  cfg, model, tokenizer = checkpoint.load_model_dir(straight.workdir)
+  cfg, model, tokenizer = load_model_dir(straight.workdir)
   assert cfg == model_config(make_config())
   assert tokenizer == straight.workdir / "tokenizer.model"
   params = jax.device_get(nnx.state(model, nnx.Param).to_pure_dict())
-  jax.tree.map(np.testing.assert_array_equal, params, straight.state["params"])
-  _, older, _ = checkpoint.load_trainer_checkpoint(straight.workdir, step=N)
+  jax.tree.map(np.testing.assert_array_equal, params, straight.state.params)
+  _, older, _ = load_model_dir(straight.workdir, step=N)
   assert not np.array_equal(older.embedder.input_embedding[...],
                             model.embedder.input_embedding[...])
 
@@ -255,9 +256,9 @@ def test_tensorboard_and_plot(straight, tmp_path):
 
 def test_non_finite_policy():
   values = {"loss": math.nan, "grad_norm": 1.0}
-  loop.report_non_finite(7, values, "skip")
-  with pytest.raises(loop.NonFiniteError, match="step 7.*non_finite='stop'"):
-    loop.report_non_finite(7, values, "stop")
+  hooks.report_non_finite(7, values, "skip")
+  with pytest.raises(hooks.NonFiniteError, match="step 7.*non_finite='stop'"):
+    hooks.report_non_finite(7, values, "stop")
 
 
 def test_init_from_a_model_directory(straight, tmp_path):
@@ -267,9 +268,9 @@ def test_init_from_a_model_directory(straight, tmp_path):
   with jax.set_mesh(trainer.mesh):
     assert trainer.init_state() == f"params from {straight.workdir}"
   state = jax.device_get(trainer.state)
-  jax.tree.map(np.testing.assert_array_equal, state["params"], straight.state["params"])
-  assert state["step"] == 0
-  assert all(not x.any() for x in jax.tree.leaves(state["opt_state"]))  # fresh AdamW moments
+  jax.tree.map(np.testing.assert_array_equal, state.params, straight.state.params)
+  assert state.step == 0
+  assert all(not x.any() for x in jax.tree.leaves(state.opt_state))  # fresh AdamW moments
 
 
 def test_peak_flops_per_device_kind():

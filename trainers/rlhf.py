@@ -4,7 +4,7 @@
   python -m trainers.rlhf --config configs/rlhf_gemma_2b.py --workdir DIR --distributed \
       --config.init_from=SFT_DIR --config.rlhf.reward_model=REWARD_WORKDIR ...
 
-Each step (the loop's prepare_batch hook, then the ordinary jitted train step):
+Each step (the rollout hook's before_step, then the ordinary jitted train step):
   1. rollout: k completions per prompt of the batch from the current policy with the project
      sampler (same params, same mesh), seeded by (state rng, step) so a resumed run samples
      the same completions;
@@ -15,7 +15,8 @@ Each step (the loop's prepare_batch hook, then the ordinary jitted train step):
      advantages (gemma_jax/rl.py);
   4. the train step minimises -mean_i A_i * sum_t log pi(y_i,t) (rl.rloo_loss).
 The reference is the policy the run started from (config.init_from, else the seeded random
-init), rebuilt the same way on resume. Metrics: reward mean/std, KL, completion length,
+init; with LoRA the initial adapters, which add exactly nothing, on the shared frozen base),
+rebuilt the same way on resume. Metrics: reward mean/std, KL, completion length,
 fraction truncated, entropy, rollout and learner tokens/s; a few completions per log step go
 to the console and WORKDIR/rollouts.jsonl. Single process: the rollout reads the prompts on
 this host (multi-host rollouts are not done yet).
@@ -32,7 +33,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -40,12 +40,12 @@ from jax.sharding import Mesh
 
 from configs.base import ConfigError, model_config
 from gemma_jax import checkpoint, rl, sharding
-from gemma_jax.model import init_model
-from gemma_jax.reward_model import load_reward_model, sequence_rewards
+from gemma_jax.model_dir import load_reward_model
+from gemma_jax.reward_model import sequence_rewards
 from gemma_jax.sampler import Completion, Sampler, SamplingParams
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.train_step import LossFn, model_params
-from trainers import cli, loop
+from gemma_jax.train_step import LossFn
+from trainers import cli, hooks, loop
 
 ROLLOUTS_FILE = "rollouts.jsonl"  # a few completions per log step (not config.samples)
 
@@ -110,38 +110,39 @@ def learner_rows(prompts: list[list[int]], completions: list[list[int]], length:
   return out
 
 
-class Rollouts:
-  """The RLHF phase of a step; built by `setup` once the policy state is there."""
+class Rollouts(hooks.Hook):
+  """The RLHF phase of every step, as the loop's hook: its before_step turns a batch of
+  prompts into the learner batch. The reference and the sampler are made at the first
+  rollout, once the trainer's state exists."""
 
   def __init__(self, trainer: loop.Trainer):
     c, r = trainer.config, trainer.config.rlhf
-    self.trainer, self.r = trainer, r
-    self.mesh = trainer.mesh
-    self.graphdef = trainer.graphdef  # the policy; with LoRA, the model with adapters
-    self._reference = reference_params(trainer)
-    policy = nnx.merge(self.graphdef, nnx.State(model_params(trainer.state)))
-    self.sampler = Sampler(policy, trainer.tokenizer, mesh=self.mesh,
-                           batch_axes=("data", "fsdp"))
+    self.r, self.layout = r, trainer.layout  # the policy; with LoRA, the model with adapters
+    self.tokenizer = trainer.tokenizer
     self.length = c.train.seq_len + r.max_new_tokens
     self.score_tokens = jax.jit(functools.partial(
-        _teacher_forced, self.graphdef, chunk_size=c.train.loss_chunk_size))
+        _teacher_forced, self.layout.graphdef, chunk_size=c.train.loss_chunk_size))
     self.reward_fn = load_reward_fn(r.reward_fn) if r.reward_fn else None
     if r.reward_model:
       self._load_reward_model(r.reward_model)
     self.samples_path = trainer.workdir / ROLLOUTS_FILE
+    self._reference: dict | None = None
+    self._sampler: Sampler | None = None
     self._learner_tokens = 0
     self._learner_start: float | None = None
 
-  def reference(self, state: dict) -> dict:
-    """The reference policy's params for trainer.graphdef. LoRA: the current state's frozen
-    base (the train step donates the state, so an old reference to it would be dead)."""
-    if "frozen" in state:
-      return model_params({"params": self._reference, "frozen": state["frozen"]})
-    return self._reference
+  def reference(self, trainer: loop.Trainer) -> dict:
+    """The reference policy's whole parameter dict: the run's initial trainable params on the
+    current state's frozen part (a LoRA base: the train step donates the state, so an old
+    reference to it would be dead)."""
+    if self._reference is None:
+      self._reference = trainer.layout.initial("params", trainer.config.train.seed,
+                                               trainer.base_params())
+    return trainer.state.replace(params=self._reference).model_params()
 
   def _load_reward_model(self, workdir: str) -> None:
-    _, model, tokenizer = load_reward_model(workdir, self.mesh)
-    if tokenizer is None or not same_vocabulary(Tokenizer(tokenizer), self.trainer.tokenizer):
+    _, model, tokenizer = load_reward_model(workdir, self.layout.mesh)
+    if tokenizer is None or not same_vocabulary(Tokenizer(tokenizer), self.tokenizer):
       raise ConfigError(f"config.rlhf.reward_model={workdir!r}: its tokenizer.model has another "
                         "vocabulary than the policy's; the reward model must read the same ids")
     graphdef, params = nnx.split(model)
@@ -149,11 +150,19 @@ class Rollouts:
     self.reward_model_fn = jax.jit(
         lambda p, t, pos, seg: sequence_rewards(nnx.merge(graphdef, p), t, pos, seg))
 
+  def sampler(self, trainer: loop.Trainer, params: dict) -> Sampler:
+    """The sampler on the trainer's mesh, with the current params (its compiled prefill and
+    decode are reused from step to step)."""
+    if self._sampler is None:
+      self._sampler = Sampler(self.layout.model(params), self.tokenizer, mesh=trainer.mesh)
+    self._sampler.params = nnx.State(params)
+    return self._sampler
+
   # -- one step ------------------------------------------------------------------------------
 
-  def __call__(self, trainer: loop.Trainer, batch: dict) -> dict:
+  def before_step(self, trainer: loop.Trainer, batch: dict) -> dict:
     r = self.r
-    params = model_params(trainer.state)
+    params = trainer.state.model_params()
     jax.block_until_ready(params)  # the previous train step has finished: time the learner
     start = time.perf_counter()
     metrics = {}
@@ -163,9 +172,8 @@ class Rollouts:
     prompts = _prompt_ids(batch)
     fields = [ref for ref in batch["reference"] for _ in range(r.k)]
     prompts = [p for p in prompts for _ in range(r.k)]  # prompt-major: row p * k + j
-    seeds = row_seeds(jax.device_get(trainer.state["rng"]), trainer.step_count, len(prompts))
-    self.sampler.params = nnx.State(params)
-    completions = self.sampler.generate(prompts, [
+    seeds = row_seeds(jax.device_get(trainer.state.rng), trainer.step_count, len(prompts))
+    completions = self.sampler(trainer, params).generate(prompts, [
         SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                        top_k=r.top_k, top_p=r.top_p, seed=s, stop=tuple(r.stop))
         for s in seeds])
@@ -173,10 +181,10 @@ class Rollouts:
     metrics["rollout_tokens_per_s"] = generated / (time.perf_counter() - start)
 
     rows = learner_rows(prompts, [c.tokens for c in completions], self.length)
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(trainer.mesh, x.ndim))
     device_rows = {k: put(v) for k, v in rows.items()}
     logp, ref_logp, entropy = self.score_tokens(
-        params, self.reference(trainer.state), device_rows["tokens"], device_rows["positions"],
+        params, self.reference(trainer), device_rows["tokens"], device_rows["positions"],
         device_rows["segment_ids"], device_rows["targets"])
     scores = np.asarray(self._scores(prompts, completions, fields, device_rows), np.float32)
     truncated = np.array([c.finish_reason == "length" for c in completions])
@@ -206,7 +214,7 @@ class Rollouts:
     if self.reward_fn is None:
       return jax.device_get(self.reward_model_fn(
           self.reward_params, rows["tokens"], rows["positions"], rows["segment_ids"]))
-    tok = self.trainer.tokenizer
+    tok = self.tokenizer
     names = sorted({k for f in fields for k in f})
     columns = {k: [f.get(k) for f in fields] for k in names}
     scores = self.reward_fn([tok.decode(p, skip_control=True) for p in prompts],
@@ -264,34 +272,7 @@ def _teacher_forced(graphdef, params, reference, tokens, positions, segment_ids,
   return logp, ref_logp, entropy
 
 
-def reference_params(trainer: loop.Trainer) -> dict:
-  """The frozen reference policy, as a parameter dict of trainer.graphdef: the policy the run
-  started from, rebuilt identically when the run resumes. LoRA: all-zero adapters (which add
-  exactly nothing) on the shared frozen base, so no second copy of the base exists.
-  Full fine-tuning: a copy of config.init_from's params, else of train.seed's random init."""
-  if "frozen" in trainer.state:  # the adapters only; Rollouts.reference adds the base
-    return jax.tree.map(jnp.zeros_like, trainer.state["params"])
-  c, cfg = trainer.config, trainer.model_cfg
-  shardings = trainer.shardings["params"]
-  if c.init_from:
-    numerics = {k: getattr(cfg, k) for k in loop._NUMERICS_FIELDS}
-    _, model, _ = checkpoint.load_model_dir(c.init_from, shardings, **numerics)
-    return nnx.state(model, nnx.Param).to_pure_dict()
-  seed = c.train.seed
-  return jax.jit(lambda: nnx.state(init_model(cfg, seed), nnx.Param).to_pure_dict(),
-                 out_shardings=shardings)()
-
-
-def setup(trainer: loop.Trainer) -> None:
-  trainer.rollouts = Rollouts(trainer)
-
-
-def prepare_batch(trainer: loop.Trainer, batch: dict) -> dict:
-  return trainer.rollouts(trainer, batch)
-
-
-TASK = loop.Task(name="rlhf", data_format="rl", make_loss=make_loss, setup=setup,
-                 prepare_batch=prepare_batch)
+TASK = loop.Task(name="rlhf", data_format="rl", make_loss=make_loss, hooks=(Rollouts,))
 
 if __name__ == "__main__":
   sys.exit(cli.main(TASK))

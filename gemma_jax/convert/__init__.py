@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemma_jax.checkpoint import load_model_dir, save_model_dir
+from gemma_jax.checkpoint import save_model_dir
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.config import ModelConfig
 from gemma_jax.convert import torch_layout
 from gemma_jax.convert.layout import scatter

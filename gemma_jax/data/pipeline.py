@@ -25,9 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gemma_jax.data.config import Settings, parse_config
 from gemma_jax.data.formats import Formatter, Segment
 from gemma_jax.data.sources import Bad, Record, open_source, parse
+from gemma_jax.sharding import LOGICAL_RULES, batch_axes
 from gemma_jax.tokenizer import Tokenizer
 
-BATCH_AXES = ("data", "fsdp")
 _LOGGED_SKIPS = 10  # Skipped records logged one by one per iterator; the rest only counted.
 _PAIR = ("chosen_", "rejected_")
 # Records are formatted in groups, so a worker process sends one message per group, not per
@@ -99,9 +99,10 @@ class DataIterator(grain.DatasetIterator):
 
 def _batch_sharding(mesh: Mesh, settings: Settings, process_count: int) -> NamedSharding:
   """The batch sharding, refusing batch sizes the mesh or the processes cannot split."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  axes = batch_axes(mesh)
   if not axes:
-    raise ValueError(f"the mesh has no batch axis {BATCH_AXES}; its axes are {mesh.axis_names}")
+    raise ValueError(f"the mesh has no batch axis {LOGICAL_RULES['batch']}; its axes are "
+                     f"{mesh.axis_names}")
   parallel = math.prod(mesh.shape[a] for a in axes)
   if settings.batch_size % parallel:
     sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)

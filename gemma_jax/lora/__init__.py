@@ -4,7 +4,12 @@
   trainable = nnx.state(model, lora.TRAINABLE)   # the adapters: all that gets gradients
   frozen = nnx.state(model, lora.FROZEN)         # the base (int8 / 4-bit codes + scales)
   plain = lora.merge(model)                      # a plain Transformer with W + alpha/r A B
+  recipe = lora.recipe(cfg)                      # a LoRA run's model (gemma_jax.train_state)
   python -m gemma_jax.lora merge --base BASE_DIR --adapters SFT_WORKDIR --out MERGED_DIR
+
+A LoRA run is a model transform (`apply`, after the base weights are in place) plus the
+trainable filter, both in `recipe`; nothing else in the trainer knows about LoRA. Loading a
+LoRA run's workdir is gemma_jax.model_dir's job.
 
 Targets name the weights of every layer: q_einsum, kv_einsum (keys and values, one adapter
 per slice), attn_vec_einsum (the output projection), gating_einsum (gate and up, one adapter
@@ -32,13 +37,8 @@ weight's logical axes plus `lora_rank` (kept whole by sharding.LOGICAL_RULES).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
-import sys
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +48,13 @@ from gemma_jax import quant
 from gemma_jax.model import FeedForward, abstract_model, init_model
 from gemma_jax.model.adapters import LoRA, kernel
 from gemma_jax.model.attention import Einsum
+from gemma_jax.train_state import ModelFn, ModelRecipe
 
 TARGETS = ("q_einsum", "kv_einsum", "attn_vec_einsum", "gating_einsum", "linear")
 QUANTIZE = ("",) + quant.MODES
 # Variable filters: what a LoRA run trains, and everything else (the frozen base).
 TRAINABLE = nnx.LoRAParam
 FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-LORA_FILE = "lora.json"  # in a LoRA run's workdir: the LoRAConfig and the base it adapts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +159,22 @@ def merge(model: nnx.Module) -> nnx.Module:
   return nnx.merge(graphdef, state)
 
 
+@dataclasses.dataclass(frozen=True)
+class Adapt:
+  """The model transform of a LoRA run: `apply` with the run's seed."""
+
+  cfg: LoRAConfig
+
+  def __call__(self, model: nnx.Module, seed: int) -> nnx.Module:
+    return apply(model, self.cfg, seed=seed)
+
+
+def recipe(cfg: LoRAConfig, make_model: ModelFn = init_model) -> ModelRecipe:
+  """A LoRA run's model: make_model's module with adapters (and a quantized base) added once
+  its weights are in place, and only the adapters trainable."""
+  return ModelRecipe(make_model, transform=Adapt(cfg), trainable=TRAINABLE)
+
+
 def count(model: nnx.Module, what=TRAINABLE) -> int:
   """Number of elements of the Variables matched by `what`."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, what)))
@@ -166,92 +182,3 @@ def count(model: nnx.Module, what=TRAINABLE) -> int:
 
 def state_bytes(model: nnx.Module, what=nnx.Param) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, what)))
-
-
-# ----------------------------------------------------------------------------- LoRA runs
-
-
-def write_run_file(workdir: str | os.PathLike, cfg: LoRAConfig, base: str, seed: int) -> None:
-  """WORKDIR/lora.json: the adapters' config and what they adapt (a model directory, or ""
-  for the random init of `seed`)."""
-  data = {"lora": dataclasses.asdict(cfg), "base": base, "seed": seed}
-  path = Path(workdir) / LORA_FILE
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(data, indent=2) + "\n")
-  os.replace(tmp, path)
-
-
-def read_run_file(workdir: str | os.PathLike) -> tuple[LoRAConfig, str, int]:
-  path = Path(workdir) / LORA_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: not found; is {workdir} the workdir of a LoRA run "
-                            "(lora.rank > 0)?")
-  data = json.loads(path.read_text())
-  return LoRAConfig(**data["lora"]), data["base"], int(data["seed"])
-
-
-def load(adapters: str | os.PathLike, base: str | os.PathLike | None = None,
-         step: int | None = None, *, quantized: bool = True, **config_overrides):
-  """(config, model with adapters, tokenizer path or None) from a LoRA run's workdir.
-
-  base: the model directory the adapters were trained on (default: the one in lora.json; a
-  run from a random init rebuilds it from its seed). quantized=False keeps the base in
-  param_dtype even if the run trained on a quantized one (what `merge` wants).
-  """
-  from gemma_jax import checkpoint
-
-  adapters = Path(adapters).absolute()
-  cfg_lora, run_base, seed = read_run_file(adapters)
-  base = base if base is not None else run_base
-  if not quantized:
-    cfg_lora = dataclasses.replace(cfg_lora, quantize="")
-  if base:
-    cfg, model, tokenizer = checkpoint.load_model_dir(base, **config_overrides)
-  else:
-    cfg = checkpoint.load_config(adapters, **config_overrides)
-    model, tokenizer = init_model(cfg, seed), None
-  tok = adapters / checkpoint.TOKENIZER_FILE
-  tokenizer = tok if tok.is_file() else tokenizer
-  apply(model, cfg_lora, seed=seed)
-  trainable = nnx.state(model, TRAINABLE)
-  restored = checkpoint.restore_train_params(adapters, trainable.to_pure_dict(), step=step)
-  trainable.replace_by_pure_dict(restored)
-  nnx.update(model, trainable)
-  return cfg, model, tokenizer
-
-
-def merge_run(base: str | os.PathLike | None, adapters: str | os.PathLike,
-              out: str | os.PathLike, step: int | None = None, overwrite: bool = False) -> Path:
-  """Fold a LoRA run's adapters into its float base and save a plain model directory
-  (which `python -m gemma_jax.convert --from model OUT --to-hf DIR` exports)."""
-  from gemma_jax import checkpoint
-
-  cfg, model, tokenizer = load(adapters, base, step, quantized=False)
-  merged = merge(model)
-  return checkpoint.save_model_dir(out, cfg, merged, tokenizer, overwrite=overwrite)
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gemma_jax.lora",
-                                   description="LoRA adapters: merge into the base model.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  m = sub.add_parser("merge", help="fold a LoRA run's adapters into its base; save a model dir")
-  m.add_argument("--adapters", required=True, help="the LoRA run's workdir (lora.json, "
-                 "checkpoints/)")
-  m.add_argument("--base", default=None, help="the base model directory (default: the one "
-                 "recorded in lora.json)")
-  m.add_argument("--out", required=True, help="the merged model directory to write")
-  m.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-  m.add_argument("--overwrite", action="store_true")
-  args = parser.parse_args(argv)
-  try:
-    out = merge_run(args.base, args.adapters, args.out, args.step, args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"merged model written to {out}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
