@@ -170,33 +170,30 @@ _COMMENT = re.compile(r"/\*.*?\*/")
 
 def parse_module(text: str) -> Module:
   """All computations of an HLO module text, and which is ENTRY."""
-  comps, entry, current, root = {}, None, None, None
+  comps, entry, name = {}, None, None  # name: the computation being read
   for line in text.splitlines():
     line = _COMMENT.sub("", line)  # /*index=5*/ markers inside long tuples
-    if current is None:
+    if name is None:
       m = _HEADER.match(line)
       if m and not line.startswith("HloModule"):
-        current, root = (m.group(2), {}), None
-        entry = m.group(2) if m.group(1) else entry
-      continue
-    if line.strip() == "}":
-      name, instructions = current
+        name, instructions, root = m.group(2), {}, None
+        entry = name if m.group(1) else entry
+    elif line.strip() == "}":
       comps[name] = Computation(name, instructions, root or next(reversed(instructions)))
-      current = None
-      continue
-    ins = parse_instruction(line)
-    if ins is not None:
-      current[1][ins.name] = ins
-      if line.lstrip().startswith("ROOT "):
-        root = ins.name
+      name = None
+    elif (ins := parse_instruction(line)) is not None:
+      instructions[ins.name] = ins
+      root = ins.name if line.lstrip().startswith("ROOT ") else root
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
-  return Module(comps, entry, _int_attr(text, "replica_count", 1) * _int_attr(text, "num_partitions", 1))
+  header = text.split("\n", 1)[0]
+  devices = _int_attr(header, "replica_count") * _int_attr(header, "num_partitions")
+  return Module(comps, entry, devices)
 
 
-def _int_attr(text: str, key: str, default: int) -> int:
-  m = re.search(rf"\b{key}=(\d+)", text[:text.find("\n")] if "\n" in text else text)
-  return int(m.group(1)) if m else default
+def _int_attr(header: str, key: str) -> int:
+  m = re.search(rf"\b{key}=(\d+)", header)
+  return int(m.group(1)) if m else 1
 
 
 def parse_instruction(line: str) -> Instruction | None:
@@ -248,7 +245,10 @@ def trip_count(module: Module, caller: Computation, loop: Instruction) -> int | 
   m = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
   if m:
     return int(m.group(1))
-  return _trips_from_loop(module, caller, loop)
+  try:
+    return _trips_from_loop(module, caller, loop)
+  except (KeyError, IndexError, ValueError):  # a loop of another form: unknown, not a crash
+    return None
 
 
 def _trips_from_loop(module: Module, caller: Computation, loop: Instruction) -> int | None:
@@ -355,7 +355,7 @@ class Collective:
   loops: tuple[str, ...]        # enclosing while instructions, outermost first
   trips: int | None             # product of their trip counts (None: one is unknown)
   traffic_bytes: float          # per chip, one execution (module docstring)
-  source: str = ""              # the JAX op behind it (op_name; else its operand's)
+  source: str = ""              # its op_name, else "operand: " + its first operand's
 
   @property
   def dtype(self) -> str:
@@ -492,7 +492,7 @@ class Audit:
       loops = " > ".join(f"{w}[{_fmt_trips(self.loops.get(w))}]" for w in c.loops) or "-"
       rows.append((c.kind, _fmt_arrays(c.result), str(c.group_size or "-"),
                    f"{c.traffic_bytes / 1e6:.2f}", loops, _fmt_trips(c.trips),
-                   f"{c.step_traffic_bytes / 1e9:.3f}", c.source[-60:]))
+                   f"{c.step_traffic_bytes / 1e9:.3f}", _fmt_source(c.source)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows]
     if len(rows) - 1 < len(self.collectives):
@@ -511,6 +511,13 @@ class Audit:
 
 def _fmt_trips(trips: int | None) -> str:
   return "?" if trips is None else str(trips)
+
+
+def _fmt_source(source: str, width: int = 60) -> str:
+  """The tail of an op name (its innermost ops say most), keeping an 'operand: ' mark."""
+  mark = "operand: " if source.startswith("operand: ") else ""
+  tail = source[len(mark):]
+  return mark + (tail if len(tail) <= width else "..." + tail[-width + 3:])
 
 
 def _fmt_arrays(result: tuple[Array, ...]) -> str:
@@ -565,7 +572,9 @@ class _Walker:
     kind, result, operands = _collective(self.module, comp, ins, kind, in_fusion)
     n = None if kind == "collective-permute" else group_size(ins, self.module.num_devices)
     op_bytes, res_bytes = sum(a.bytes for a in operands), sum(a.bytes for a in result)
-    source = _op_name(ins) or (_op_name(comp[ins.operands[0]]) if ins.operands else "")
+    source = _op_name(ins)
+    if not source and ins.operands and _op_name(comp[ins.operands[0]]):
+      source = "operand: " + _op_name(comp[ins.operands[0]])
     return Collective(kind, ins.name, result, operands, n, comp.name, loops, trips,
                       traffic(kind, op_bytes, res_bytes, n), source)
 
