@@ -168,6 +168,21 @@ def test_moves_tensor_with_dims_finds_logits():
   assert flagged(P("fsdp"), P()) == []
 
 
+@pytest.mark.parametrize("width, kernel, kw", [
+    (10, 5, dict(window_strides=(1,), padding=((2, 2),))),
+    (10, 5, dict(window_strides=(2,), padding=((4, 1),), lhs_dilation=(2,))),
+    (10, 5, dict(window_strides=(1,), padding=((0, 0),), rhs_dilation=(2,))),
+    (1, 8, dict(window_strides=(1,), padding=((7, 7),))),  # how XLA:TPU broadcasts heads
+])
+def test_convolution_flops_count_window_positions_that_read_input(width, kernel, kw):
+  def f(x, w):
+    return jax.lax.conv_general_dilated(x, w, **kw)
+
+  x, w = jnp.ones((2, 3, width)), jnp.ones((4, 3, kernel))
+  macs = float(f(x, w).sum())  # with ones, each multiply-add that reads input adds 1
+  assert hlo.audit(jax.jit(f).lower(x, w).compile().as_text()).flops == 2 * macs
+
+
 @pytest.mark.parametrize("attrs, expected", [
     ("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", 4),
     ("replica_groups={}, to_apply=%add", 8),  # every device of the module
