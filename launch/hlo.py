@@ -38,10 +38,11 @@ What counts as one collective:
 - a collective in a conditional branch is listed once per branch (the branch taken is not
   known), so its totals are an upper bound.
 
-FLOPs: 2 * prod(result dims) * prod(contracting dims) for dots, and for convolutions
-2 * prod(result dims) * prod(kernel dims except its output feature), inside fusions too.
-Elementwise ops, reductions and custom calls are ignored; padding inside a convolution
-window is counted as work. A conditional counts its most expensive branch.
+FLOPs: 2 * prod(result dims) * prod(contracting dims) for dots; for convolutions 2 * output
+batch * output features * kernel input features * the (output, kernel) position pairs that
+read input rather than padding (XLA:TPU writes dots as padded convolutions); inside fusions
+too. Elementwise ops, reductions and custom calls are ignored. A conditional counts its most
+expensive branch. Like the traffic, FLOPs are per chip: an SPMD program is one chip's part.
 """
 
 from __future__ import annotations
@@ -439,7 +440,7 @@ def collective_kind(ins: Instruction) -> str | None:
   return kind if kind in COLLECTIVES else None
 
 
-def _collective(module: Module, comp: Computation, ins: Instruction, kind: str,
+def _collective(comp: Computation, ins: Instruction, kind: str,
                 in_fusion: bool) -> tuple[str, tuple[Array, ...], tuple[Array, ...]]:
   """(kind, result arrays, operand arrays) of a collective instruction."""
   operand_names = ins.operands[:1] if kind == "collective-permute" else ins.operands
@@ -558,18 +559,16 @@ class _Walker:
         if chain is None or (loops, chain) not in seen:
           seen.add((loops, chain))
           yield self._site(comp, ins, kind, loops, trips, in_fusion)
-      if ins.opcode.endswith(("-done", "-update")):
-        continue  # the -start already ran its computation
-      for key, callee in called(ins):
+      for callee in _callees(ins):
         if ins.opcode == "while":
           trip = self._trip(comp, ins)
           inner = None if trips is None or trip is None else trips * trip
           yield from self.collectives(callee, loops + (ins.name,), inner, False, seen)
-        elif key != "to_apply" or ins.opcode in ("call", "async-start"):
+        else:
           yield from self.collectives(callee, loops, trips, ins.opcode == "fusion", seen)
 
   def _site(self, comp, ins, kind, loops, trips, in_fusion) -> Collective:
-    kind, result, operands = _collective(self.module, comp, ins, kind, in_fusion)
+    kind, result, operands = _collective(comp, ins, kind, in_fusion)
     n = None if kind == "collective-permute" else group_size(ins, self.module.num_devices)
     op_bytes, res_bytes = sum(a.bytes for a in operands), sum(a.bytes for a in result)
     source = _op_name(ins)
@@ -585,9 +584,7 @@ class _Walker:
       total = 0.0
       for ins in comp.instructions.values():
         total += instruction_flops(comp, ins)
-        if ins.opcode.endswith(("-done", "-update")):
-          continue
-        callees = [c for k, c in called(ins) if k != "to_apply" or ins.opcode == "call"]
+        callees = _callees(ins)
         if ins.opcode == "while":
           total += (self._trip(comp, ins) or 1) * sum(self.flops(c) for c in callees)
         elif ins.opcode == "conditional":
@@ -596,6 +593,15 @@ class _Walker:
           total += sum(self.flops(c) for c in callees)
       self._flops[name] = total
     return self._flops[name]
+
+
+def _callees(ins: Instruction) -> list[str]:
+  """The computations that run as part of `ins`: not the reducers of all-reduce, reduce,
+  sort, ... (to_apply, except for a call), and nothing for an async -done or -update (its
+  -start ran the computation)."""
+  if ins.opcode.endswith(("-done", "-update")):
+    return []
+  return [c for key, c in called(ins) if key != "to_apply" or ins.opcode == "call"]
 
 
 def _op_name(ins: Instruction) -> str:
