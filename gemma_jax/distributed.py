@@ -14,7 +14,10 @@ cross-process collectives are gloo's over TCP (`jax_cpu_collectives_implementati
 preemption service, which makes every process stop at the same step (trainers/loop.py).
 
 The small helpers below are what the trainer needs to behave as one job: `broadcast_bytes`
-(process 0's file contents to every host) and `all_true` (agreement on a yes/no).
+(process 0's file contents to every host), `gather_bytes` (every host's), `all_true` and
+`max_over_processes` (agreement on a yes/no or on sizes) and `raise_together` (a fault seen
+by one host stops every host with its message, instead of leaving the others waiting in a
+collective).
 """
 
 from __future__ import annotations
@@ -103,6 +106,41 @@ def all_true(value: bool) -> bool:
   from jax.experimental import multihost_utils
 
   return bool(np.all(multihost_utils.process_allgather(np.array(value, np.bool_))))
+
+
+def gather_bytes(data: bytes) -> list[bytes]:
+  """Every process's `data`, in process order (the same list on every process)."""
+  if jax.process_count() == 1:
+    return [data]
+  from jax.experimental import multihost_utils
+
+  sizes = np.asarray(multihost_utils.process_allgather(np.int64(len(data)))).reshape(-1)
+  buffer = np.zeros(max(int(sizes.max()), 1), np.uint8)
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buffer))
+  return [rows[i, :int(n)].tobytes() for i, n in enumerate(sizes)]
+
+
+def max_over_processes(values: tuple[int, ...]) -> tuple[int, ...]:
+  """The elementwise maximum of `values` over all processes."""
+  if jax.process_count() == 1:
+    return tuple(values)
+  from jax.experimental import multihost_utils
+
+  gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
+  return tuple(int(v) for v in gathered.reshape(-1, len(values)).max(axis=0))
+
+
+def raise_together(error: str | None, exception: type[Exception] = ValueError) -> None:
+  """Raise `exception` on every process if any process has an `error` (the first one's
+  message, naming its process); return if none has. Every process must call it."""
+  if jax.process_count() == 1:
+    if error:
+      raise exception(error)
+    return
+  for index, message in enumerate(gather_bytes((error or "").encode())):
+    if message:
+      raise exception(f"process {index}: {message.decode()}")
 
 
 def check_shared_directory(directory: str | os.PathLike, what: str) -> None:

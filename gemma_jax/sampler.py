@@ -9,9 +9,17 @@ samples every row's first token; decoding runs up to `chunk_size` steps per jitt
 and looks for stop strings, which cannot be matched reliably on token ids.
 
 Shapes are bucketed (batch, prompt length and new-token budget rounded up to powers of two)
-so a server sees few compilations. On a mesh the batch is sharded over `batch_axes` (default:
+so a server sees few compilations; `min_width` sets the smallest prompt bucket (RLHF: one
+compiled prefill for every step). On a mesh the batch is sharded over `batch_axes` (default:
 sharding.batch_axes, as in training); the parameters are used with whatever sharding they
 already have (they must live on the mesh).
+
+On a mesh that spans several processes (hosts) every process passes its own prompt rows and
+gets their completions: the batch is assembled as one global array from the processes' rows
+(no host ever holds the others'), the shapes are agreed on (the largest of every process's),
+and decoding goes on until every row of every process is done. That test is a reduction over
+the whole batch computed on the devices, so every device and every host runs the same number
+of decode steps; a bad prompt on one host stops all of them with its error.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma_jax import sharding
+from gemma_jax import distributed, sharding
 from gemma_jax.model import CACHE_AXES, KVCache, Transformer, init_cache
 from gemma_jax.tokenizer import Tokenizer
 
@@ -238,6 +246,13 @@ def _decode(graphdef, params, state: DecodeState, stop_ids, finished, num_steps,
   return _constrain(state, mesh, batch_axes)
 
 
+@jax.jit
+def _all_done(done: jax.Array, finished: jax.Array) -> jax.Array:
+  """Whether every row of the whole batch is done on the devices or finished by the host:
+  one value on every device and process, so that all stop decoding together."""
+  return jnp.all(done | finished)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -316,7 +331,8 @@ class Sampler:
 
   def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, *,
                mesh: Mesh | None = None, batch_axes: tuple[str, ...] | None = None,
-               stop_token_ids: Sequence[int] | None = None, chunk_size: int = 16):
+               stop_token_ids: Sequence[int] | None = None, chunk_size: int = 16,
+               min_width: int = MIN_BUCKET):
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.tokenizer = tokenizer
@@ -331,6 +347,15 @@ class Sampler:
     if chunk_size <= 0:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     self.chunk_size = chunk_size
+    self.min_width = bucket(min_width)
+    # Several hosts: each passes its own rows, and every shape must agree.
+    self._processes = (len({d.process_index for d in mesh.devices.flat})
+                       if mesh is not None else 1)
+    shards = int(np.prod([mesh.shape[a] for a in self.batch_axes])) if mesh is not None else 1
+    if shards % self._processes:
+      raise ValueError(f"the batch axes {self.batch_axes} of the mesh {dict(mesh.shape)} have "
+                       f"{shards} shards, which {self._processes} processes cannot split")
+    self._local_shards = shards // self._processes
 
   def generate(self, prompts: Sequence[str | Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
@@ -346,27 +371,42 @@ class Sampler:
   def stream(self, prompts: Sequence[str | Sequence[int]],
              params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
              ) -> Iterator[list[Delta]]:
-    """Deltas after the prefill and after each decode chunk, until every row has finished."""
-    prompt_ids = [self.encode(p) for p in prompts]
-    row_params = self._row_params(params, len(prompt_ids))
-    if not prompt_ids:
+    """Deltas after the prefill and after each decode chunk, until every row has finished.
+    With several processes, every process must call it (with its own rows)."""
+    prompt_ids, row_params = self._checked(prompts, params)
+    if not prompt_ids and self._processes == 1:
       return
-    for i, (ids, p) in enumerate(zip(prompt_ids, row_params)):
-      self.check_fits(len(ids), p.max_new_tokens, f"prompt {i}")
-      if p.stop and self.tokenizer is None:
-        raise ValueError(f"prompt {i}: stop strings need a tokenizer")
     rows = [_RowText(ids, p, self.tokenizer) for ids, p in zip(prompt_ids, row_params)]
     state = self.prefill(prompt_ids, row_params)
     while True:
-      count, done, stopped, tokens, logprobs = jax.device_get(
-          (state.count, state.done, state.stopped, state.tokens, state.logprobs))
+      count, done, stopped, tokens, logprobs = (self._host(x) for x in (
+          state.count, state.done, state.stopped, state.tokens, state.logprobs))
       deltas = [row.update(i, tokens[i, :count[i]], logprobs[i, :count[i]], done[i], stopped[i])
                 for i, row in enumerate(rows)]
       yield [d for d in deltas if d is not None]
-      if all(row.completion is not None for row in rows):
+      finished = [row.completion is not None for row in rows]
+      if bool(_all_done(state.done, self._put(self._row_mask(finished, done.shape[0])))):
         return
-      state = self.decode(state, self.chunk_size,
-                          finished=[row.completion is not None for row in rows])
+      state = self.decode(state, self.chunk_size, finished=finished)
+
+  def _checked(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Encoded prompts and one SamplingParams per row; a ValueError naming the first bad
+    prompt (with several processes: on every process, if any process's rows are bad)."""
+    error = prompt_ids = row_params = None
+    try:
+      prompt_ids = [self.encode(p) for p in prompts]
+      row_params = self._row_params(params, len(prompt_ids))
+      for i, (ids, p) in enumerate(zip(prompt_ids, row_params)):
+        self.check_fits(len(ids), p.max_new_tokens, f"prompt {i}")
+        if p.stop and self.tokenizer is None:
+          raise ValueError(f"prompt {i}: stop strings need a tokenizer")
+    except ValueError as e:
+      if self._processes == 1:
+        raise
+      error = str(e)
+    if self._processes > 1:
+      distributed.raise_together(error)
+    return prompt_ids, row_params
 
   def encode(self, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
@@ -402,12 +442,7 @@ class Sampler:
 
     Low level (stream/generate wrap it): no checks, rows past len(prompt_ids) are padding.
     """
-    batch = bucket(len(prompt_ids), least=1)
-    if self.mesh is not None:
-      shards = int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
-      batch = -(-batch // shards) * shards
-    width = bucket(max(map(len, prompt_ids)))
-    max_new = bucket(max(p.max_new_tokens for p in params))
+    batch, width, max_new = self._shape(prompt_ids, params)
     tokens = np.zeros((batch, width), np.int32)
     for i, ids in enumerate(prompt_ids):
       tokens[i, width - len(ids):] = ids
@@ -430,17 +465,40 @@ class Sampler:
 
     finished[i] marks row i done (e.g. by a stop string the host found).
     """
-    mask = np.zeros(state.done.shape, bool)
-    mask[:len(finished)] = finished
+    mask = self._row_mask(finished, state.done.shape[0] // self._processes)
     return _decode(self.graphdef, self.params, state, self.stop_ids, self._put(mask), num_steps,
                    mesh=self.mesh, batch_axes=self.batch_axes)
 
+  def _shape(self, prompt_ids: list[list[int]], params: list[SamplingParams]
+             ) -> tuple[int, int, int]:
+    """(this process's padded rows, prompt width, new-token budget), agreed by all
+    processes: the largest of each; rows a multiple of the batch shards a process holds."""
+    batch = bucket(len(prompt_ids), least=1)
+    batch = -(-batch // self._local_shards) * self._local_shards
+    width = max(bucket(max(map(len, prompt_ids), default=1)), self.min_width)
+    max_new = bucket(max((p.max_new_tokens for p in params), default=1))
+    if self._processes > 1:
+      batch, width, max_new = distributed.max_over_processes((batch, width, max_new))
+    return batch, width, max_new
+
+  @staticmethod
+  def _row_mask(values: Sequence[bool], rows: int) -> np.ndarray:
+    mask = np.zeros(rows, bool)
+    mask[:len(values)] = values
+    return mask
+
   def _put(self, tree):
-    """Host arrays onto the mesh, batch dimension first (a no-op without a mesh)."""
+    """This process's rows onto the mesh as global arrays, batch dimension first (a no-op
+    without a mesh)."""
     if self.mesh is None:
       return tree
     sharding = NamedSharding(self.mesh, PartitionSpec(self.batch_axes))
-    return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, np.asarray(x), (x.shape[0] * self._processes, *x.shape[1:])), tree)
+
+  def _host(self, x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch array of the decode state."""
+    return np.asarray(x) if self.mesh is None else sharding.host_rows(x)
 
 
 def _default_stop_ids(tokenizer: Tokenizer | None) -> list[int]:

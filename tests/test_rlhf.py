@@ -124,3 +124,32 @@ def test_config_errors_name_the_key(tmp_path):
     loop.Trainer(make_config(2, reward_fn="nowhere:fn"), tmp_path, rlhf.TASK)
   with pytest.raises(ConfigError, match="config.rlhf.max_new_tokens=300"):
     loop.Trainer(make_config(2, max_new_tokens=300), tmp_path, rlhf.TASK)
+
+
+def test_rollouts_compile_nothing_after_the_second_step(tmp_path):
+  """Prompt lengths vary from batch to batch (here one prompt in eight is long), but the
+  sampler's prefill width is pinned to the prompt buffer: steps 3-5 lower (and so compile)
+  no program at all."""
+  from jax._src import monitoring  # the public module has no unregister
+
+  lowered = []
+  def listen(event, duration, **_):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(duration)
+
+  counts = []
+  def count(trainer, batch):
+    counts.append(len(lowered))
+    return batch
+
+  config = make_config(6)
+  config.data.sources = ({"records": tuple(  # 16 tokens with the chat template, or 25
+      {"prompt": f"What is {i} + 1?" if i % 8 == 3 else f"{i % 10}+1", "answer": str(i % 10 + 1)}
+      for i in range(48))},)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    loop.run(config, tmp_path,
+             dataclasses.replace(rlhf.TASK, hooks=(hooks.before_step(count), *rlhf.TASK.hooks)))
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  assert counts[0] < counts[1] <= counts[2] == counts[5], counts

@@ -11,6 +11,7 @@ from flax import nnx
 
 from gemma_jax.config import get_config
 from gemma_jax.model import abstract_model, init_cache
+from gemma_jax import sampler as sampler_lib
 from gemma_jax.sampler import Sampler, SamplingParams, filter_logits, sample_tokens
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
 from model_utils import random_model, random_tokens
@@ -231,16 +232,16 @@ def test_prompt_plus_budget_must_fit_the_context(tiny):
 
 
 def test_sharded_sampling_matches_unsharded(tiny):
-  """Batch over "data", weights sharded over "fsdp" on the embed axis: same samples."""
+  """Batch over data x fsdp, weights sharded over "fsdp" on the embed axis: same samples."""
   cfg, model = tiny
-  prompts = [random_tokens(cfg, (n,), seed=n).tolist() for n in (3, 9, 12, 5)]
-  params = [SamplingParams(max_new_tokens=10, temperature=0.8, top_k=50, seed=i)
+  prompts = [random_tokens(cfg, (n,), seed=n).tolist() for n in (3, 9, 12, 5, 7, 2, 11, 4)]
+  # One row per device, each with its own budget: the rows finish at different steps.
+  params = [SamplingParams(max_new_tokens=3 + 3 * i, temperature=0.8, top_k=50, seed=i)
             for i in range(len(prompts))]
   want = Sampler(model, stop_token_ids=[]).generate(prompts, params)
-  # 4 of the 8 emulated devices: with all 8, XLA:CPU's collectives inside the decode loop
-  # deadlocked in some environments (devices disagreeing on the loop's trip count).
-  mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:4])
+  # All 8 emulated devices, batch over data x fsdp: the decode loop's exit test is a
+  # reduction over the whole batch, so every device runs the same number of steps.
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   graphdef, state = nnx.split(model)
   spec = lambda v: jax.sharding.PartitionSpec(*("fsdp" if a == "embed" else None for a in v.axes))
   state = jax.device_put(state, jax.tree.map(
@@ -254,10 +255,31 @@ def test_sharded_sampling_matches_unsharded(tiny):
   state = sampler.prefill(prompts, params)
   # The batch splits over the mesh's batch axes (sharding.batch_axes), as in training.
   assert state.cache.k.sharding.spec[1] == ("data", "fsdp")
-  assert len(state.cache.k.sharding.device_set) == 4
+  assert len(state.cache.k.sharding.device_set) == 8
 
 
 def test_cached_call_needs_positions(tiny):
   cfg, model = tiny
   with pytest.raises(ValueError, match="positions are required"):
     model(jnp.ones((1, 2), jnp.int32), None, None, init_cache(cfg, 1, 4))
+
+
+def test_decode_loop_exit_is_reduced_over_every_device(tiny):
+  """The decode while_loop's condition all-reduces `done` over all 8 devices: no device
+  decides from its own rows (which would let devices run different trip counts)."""
+  from launch import hlo
+
+  cfg, model = tiny
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sampler = Sampler(model, mesh=mesh, stop_token_ids=[])
+  prompts = [random_tokens(cfg, (4,), seed=i).tolist() for i in range(8)]
+  state = sampler.prefill(prompts, [SamplingParams(max_new_tokens=4)] * 8)
+  text = sampler_lib._decode.lower(
+      sampler.graphdef, sampler.params, state, sampler.stop_ids, sampler._put(np.zeros(8, bool)),
+      4, mesh=mesh, batch_axes=sampler.batch_axes).compile().as_text()
+  module = hlo.parse_module(text)
+  outer = [ins for ins in module.computations[module.entry].instructions.values()
+           if ins.opcode == "while"]
+  condition = dict(hlo.called(outer[-1]))["condition"]
+  reductions = [c for c in hlo.audit(text).collectives if c.computation == condition]
+  assert [(c.kind, c.group_size, c.dtype) for c in reductions] == [("all-reduce", 8, "pred")]

@@ -86,7 +86,10 @@ class Trainer:
     self._train_step = jit_train_step(self.layout, self.loss_fn, self.schedule,
                                       microbatches=config.train.microbatches,
                                       batch_keys=task.batch_keys)
-    self.data = make_iterator(config.data, self.tokenizer, self.mesh)
+    try:
+      self.data = make_iterator(config.data, self.tokenizer, self.mesh)
+    except ValueError as e:  # a batch the mesh or the processes cannot split (names the key)
+      raise ConfigError(str(e)) from e
     ck = config.checkpoint
     self.checkpoints = checkpoint.TrainCheckpointer(
         self.workdir / checkpoint.TRAIN_CHECKPOINT_DIR, keep=ck.keep, keep_every=ck.keep_every,

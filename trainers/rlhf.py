@@ -18,8 +18,13 @@ The reference is the policy the run started from (config.init_from, else the see
 init; with LoRA the initial adapters, which add exactly nothing, on the shared frozen base),
 rebuilt the same way on resume. Metrics: reward mean/std, KL, completion length,
 fraction truncated, entropy, rollout and learner tokens/s; a few completions per log step go
-to the console and WORKDIR/rollouts.jsonl. Single process: the rollout reads the prompts on
-this host (multi-host rollouts are not done yet).
+to the console and WORKDIR/rollouts.jsonl.
+
+Several hosts: each samples and scores the completions of its own prompt rows (the data
+iterator gives each host its share) with the policy on the global mesh; the k completions
+of a prompt stay on its host (for the leave-one-out baseline), and the learner batch and the
+scores become global arrays built from every host's rows. The seeds depend on (state rng,
+step, global row) only, so 2 hosts x 4 devices sample what 1 x 8 does.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from configs.base import ConfigError, model_config
-from gemma_jax import checkpoint, rl, sharding
+from gemma_jax import checkpoint, distributed, rl, sharding
 from gemma_jax.model_dir import load_reward_model
 from gemma_jax.reward_model import sequence_rewards
 from gemma_jax.sampler import Completion, Sampler, SamplingParams
@@ -123,12 +129,13 @@ class Rollouts(hooks.Hook):
     self.score_tokens = jax.jit(functools.partial(
         _teacher_forced, self.layout.graphdef, chunk_size=c.train.loss_chunk_size))
     self.reward_fn = load_reward_fn(r.reward_fn) if r.reward_fn else None
+    self.rows = c.data.batch_size * r.k  # learner rows per step, over every host
     if r.reward_model:
       self._load_reward_model(r.reward_model)
     self.samples_path = trainer.workdir / ROLLOUTS_FILE
     self._reference: dict | None = None
     self._sampler: Sampler | None = None
-    self._learner_tokens = 0
+    self._learner_tokens = 0.0
     self._learner_start: float | None = None
 
   def reference(self, trainer: loop.Trainer) -> dict:
@@ -154,76 +161,94 @@ class Rollouts(hooks.Hook):
     """The sampler on the trainer's mesh, with the current params (its compiled prefill and
     decode are reused from step to step)."""
     if self._sampler is None:
-      self._sampler = Sampler(self.layout.model(params), self.tokenizer, mesh=trainer.mesh)
+      self._sampler = Sampler(self.layout.model(params), self.tokenizer, mesh=trainer.mesh,
+                              min_width=trainer.config.train.seq_len)  # one prefill shape
     self._sampler.params = nnx.State(params)
     return self._sampler
 
   # -- one step ------------------------------------------------------------------------------
 
   def before_step(self, trainer: loop.Trainer, batch: dict) -> dict:
-    r = self.r
+    """Sample k completions of this host's prompts, score them, and return the learner batch
+    (global arrays: every host gives the rows of its own prompts)."""
     params = trainer.state.model_params()
     jax.block_until_ready(params)  # the previous train step has finished: time the learner
     start = time.perf_counter()
-    metrics = {}
-    if self._learner_start is not None:
-      metrics["learner_tokens_per_s"] = self._learner_tokens / (start - self._learner_start)
-
-    prompts = _prompt_ids(batch)
-    fields = [ref for ref in batch["reference"] for _ in range(r.k)]
-    prompts = [p for p in prompts for _ in range(r.k)]  # prompt-major: row p * k + j
-    seeds = row_seeds(jax.device_get(trainer.state.rng), trainer.step_count, len(prompts))
+    learner_seconds = None if self._learner_start is None else start - self._learner_start
+    prompts, fields, seeds = self._prompts(trainer, batch)
+    r = self.r
     completions = self.sampler(trainer, params).generate(prompts, [
         SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                        top_k=r.top_k, top_p=r.top_p, seed=s, stop=tuple(r.stop))
         for s in seeds])
-    generated = sum(len(c.tokens) for c in completions)
-    metrics["rollout_tokens_per_s"] = generated / (time.perf_counter() - start)
-
-    rows = learner_rows(prompts, [c.tokens for c in completions], self.length)
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(trainer.mesh, x.ndim))
-    device_rows = {k: put(v) for k, v in rows.items()}
+    rollout_seconds = time.perf_counter() - start
+    rows = self._global(trainer.mesh, learner_rows(
+        prompts, [c.tokens for c in completions], self.length))
+    truncated = self._global(trainer.mesh, np.array([c.finish_reason == "length"
+                                                     for c in completions]))
     logp, ref_logp, entropy = self.score_tokens(
-        params, self.reference(trainer), device_rows["tokens"], device_rows["positions"],
-        device_rows["segment_ids"], device_rows["targets"])
-    scores = np.asarray(self._scores(prompts, completions, fields, device_rows), np.float32)
-    truncated = np.array([c.finish_reason == "length" for c in completions])
+        params, self.reference(trainer), rows["tokens"], rows["positions"], rows["segment_ids"],
+        rows["targets"])
+    scores = self._scores(prompts, completions, fields, rows)
     out = rl.advantages_from(
-        scores, logp, ref_logp, device_rows["mask"], truncated, k=r.k, beta=float(r.beta),
+        scores, logp, ref_logp, rows["mask"], truncated, k=r.k, beta=float(r.beta),
         clip=float(r.reward_clip), truncated_mode=r.truncated,
         truncated_penalty=float(r.truncated_penalty),
         whiten_advantages=bool(r.whiten_advantages))
-    advantages, kl = jax.device_get((out["advantages"], out["kl"]))
-    mask = rows["mask"]
-    lengths = mask.sum(axis=1)
-    metrics.update(
-        reward_mean=float(scores.mean()), reward_std=float(scores.std()),
-        shaped_reward_mean=float(jax.device_get(out["rewards"]).mean()),
-        kl=float(kl.mean()), completion_length=float(lengths.mean()),
-        truncated=float(truncated.mean()),
-        entropy=float((jax.device_get(entropy) * mask).sum() / max(mask.sum(), 1.0)))
-    self._log_samples(trainer, prompts, completions, scores, kl)
-    learner = {k: device_rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
-    learner["loss_weights"] = put((advantages[:, None] * mask).astype(np.float32))
-    self._learner_tokens = int(rows["segment_ids"].astype(bool).sum())
+    metrics = {k: float(v) for k, v in jax.device_get(_rollout_metrics(
+        scores, out["rewards"], out["kl"], rows["mask"], truncated, entropy,
+        rows["segment_ids"])).items()}
+    self._learner_tokens = metrics.pop("learner_tokens")
+    metrics["rollout_tokens_per_s"] = metrics.pop("generated_tokens") / rollout_seconds
+    if learner_seconds is not None:
+      metrics["learner_tokens_per_s"] = self._learner_tokens / learner_seconds
+    self._log_samples(trainer, prompts, completions, sharding.host_rows(scores),
+                      sharding.host_rows(out["kl"]))
+    learner = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
+    learner["loss_weights"] = _loss_weights(out["advantages"], rows["mask"])
     self._learner_start = time.perf_counter()
     return {**learner, "metrics": metrics}
 
+  def _prompts(self, trainer: loop.Trainer, batch: dict
+               ) -> tuple[list[list[int]], list[dict], list[int]]:
+    """This host's prompt rows, each repeated k times (prompt-major: completion j of prompt
+    p is row p * k + j), their record fields, and the rows' sampling seeds: a function of
+    (state rng, step, the prompt's place in the batch's record order) only, so the number of
+    hosts changes nothing."""
+    k, total = self.r.k, batch["tokens"].shape[0]
+    tokens, segment_ids = sharding.host_rows(batch["tokens"]), sharding.host_rows(
+        batch["segment_ids"])
+    prompts = [row[seg > 0].tolist() for row, seg in zip(tokens, segment_ids)]
+    seeds = row_seeds(jax.device_get(trainer.state.rng), trainer.step_count, total * k)
+    return ([p for p in prompts for _ in range(k)],
+            [ref for ref in batch["reference"] for _ in range(k)],
+            [seeds[i * k + j] for i in trainer.data.record_positions() for j in range(k)])
+
+  def _global(self, mesh, local):
+    """Global batch arrays of N = prompts x k rows from this host's block of them."""
+    return jax.tree.map(lambda x: sharding.global_batch(mesh, x, self.rows), local)
+
   def _scores(self, prompts: list[list[int]], completions: list[Completion],
-              fields: list[dict], rows: dict) -> list[float]:
+              fields: list[dict], rows: dict) -> jax.Array:
+    """[N] the completions' scores: the reward model's on the mesh, or reward_fn's for this
+    host's rows (a wrong count or a non-finite score stops every host, naming the key)."""
     if self.reward_fn is None:
-      return jax.device_get(self.reward_model_fn(
-          self.reward_params, rows["tokens"], rows["positions"], rows["segment_ids"]))
+      return self.reward_model_fn(self.reward_params, rows["tokens"], rows["positions"],
+                                  rows["segment_ids"])
     tok = self.tokenizer
     names = sorted({k for f in fields for k in f})
     columns = {k: [f.get(k) for f in fields] for k in names}
-    scores = self.reward_fn([tok.decode(p, skip_control=True) for p in prompts],
-                            [c.text for c in completions], **columns)
-    scores = [float(s) for s in scores]
-    if len(scores) != len(completions):
-      raise ValueError(f"config.rlhf.reward_fn={self.r.reward_fn!r} returned {len(scores)} "
-                       f"scores for {len(completions)} completions")
-    return scores
+    try:
+      scores = np.asarray([float(s) for s in self.reward_fn(
+          [tok.decode(p, skip_control=True) for p in prompts], [c.text for c in completions],
+          **columns)], np.float32)
+      error = _bad_scores(scores, completions)
+    except Exception as e:  # noqa: BLE001 -- user code: stop every host with its message
+      error = f"raised {type(e).__name__}: {e}"
+    if error:
+      error = f"config.rlhf.reward_fn={self.r.reward_fn!r} {error}"
+    distributed.raise_together(error, ConfigError)
+    return self._global(self.layout.mesh, scores)
 
   def _log_samples(self, trainer: loop.Trainer, prompts, completions, scores, kl) -> None:
     c, step = trainer.config, trainer.step_count + 1
@@ -249,10 +274,32 @@ def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
           and all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size)))
 
 
-def _prompt_ids(batch: dict) -> list[list[int]]:
-  """The real tokens of each prompt row (left- or right-padded) on this host."""
-  tokens, segment_ids = jax.device_get((batch["tokens"], batch["segment_ids"]))
-  return [row[seg > 0].tolist() for row, seg in zip(tokens, segment_ids)]
+def _bad_scores(scores: np.ndarray, completions: list[Completion]) -> str | None:
+  """What is wrong with a reward function's scores, or None."""
+  if len(scores) != len(completions):
+    return f"returned {len(scores)} scores for {len(completions)} completions"
+  if not np.isfinite(scores).all():
+    bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+    return f"returned a non-finite score ({scores[bad]}) for completion {completions[bad].text!r}"
+  return None
+
+
+@jax.jit
+def _rollout_metrics(scores, rewards, kl, mask, truncated, entropy, segment_ids):
+  """The step's rollout metrics over every host's rows (replicated scalars)."""
+  return {"reward_mean": jnp.mean(scores), "reward_std": jnp.std(scores),
+          "shaped_reward_mean": jnp.mean(rewards), "kl": jnp.mean(kl),
+          "completion_length": jnp.mean(jnp.sum(mask, axis=1)),
+          "truncated": jnp.mean(truncated.astype(jnp.float32)),
+          "entropy": jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0),
+          "generated_tokens": jnp.sum(mask), "learner_tokens": jnp.sum(segment_ids > 0)}
+
+
+@jax.jit
+def _loss_weights(advantages, mask):
+  """[N, T] the row's advantage on each completion target: sum_t w * (-log p) is then
+  -A_i sum_t log pi(y_i,t) (rl.rloo_loss)."""
+  return (advantages[:, None] * mask).astype(jnp.float32)
 
 
 def _teacher_forced(graphdef, params, reference, tokens, positions, segment_ids, targets, *,

@@ -60,7 +60,8 @@ def make_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh:
   process_count = jax.process_count() if process_count is None else process_count
   sharding = _batch_sharding(mesh, settings, process_count)
   dataset, skips = _local_dataset(settings, tokenizer, process_index, process_count)
-  return DataIterator(iter(dataset), sharding, settings.batch_size, skips)
+  return DataIterator(iter(dataset), sharding, settings.batch_size, skips, process_index,
+                      process_count)
 
 
 class DataIterator(grain.DatasetIterator):
@@ -71,11 +72,12 @@ class DataIterator(grain.DatasetIterator):
   """
 
   def __init__(self, local: grain.DatasetIterator, sharding: NamedSharding, batch_size: int,
-               skips: _SkipCount):
+               skips: _SkipCount, process_index: int = 0, process_count: int = 1):
     super().__init__(local)
     self._sharding = sharding
     self._batch_size = batch_size
     self._skips = skips
+    self._process = (process_index, process_count)
 
   def __next__(self) -> dict[str, Any]:
     return {key: self._global(value) for key, value in next(self._parent).items()}
@@ -89,6 +91,14 @@ class DataIterator(grain.DatasetIterator):
   @property
   def skipped_records(self) -> int:
     return self._skips.count
+
+  def record_positions(self) -> list[int]:
+    """Where this process's rows of an rl batch (one record per row) stand in the batch's
+    record order: the processes are dealt the records in turn (_records), so local row i is
+    record i * process_count + process_index. What one process would see at that position,
+    whatever the number of processes."""
+    index, count = self._process
+    return [i * count + index for i in range(self._batch_size // count)]
 
   def _global(self, value: Any) -> Any:
     if not isinstance(value, np.ndarray):
