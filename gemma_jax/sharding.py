@@ -161,20 +161,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
-def process_rows(mesh: Mesh, rows: int) -> slice:
-  """The rows of a batch of `rows` (split over the batch axes) that this process's devices
-  hold: one contiguous block of rows / process_count, or a ValueError saying why not."""
-  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((rows,))
-  blocks = sorted({idx[0].indices(rows)[:2] for idx in index_map.values()})
-  start, stop = blocks[0][0], blocks[-1][1]
-  contiguous = all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
-  if not contiguous or (stop - start) * jax.process_count() != rows:
-    raise ValueError(f"this process holds rows {blocks} of a batch of {rows} on the mesh "
-                     f"{dict(mesh.shape)}; every process must hold one equal, contiguous block "
-                     f"of the batch")
-  return slice(start, stop)
-
-
 def host_rows(x: jax.Array) -> np.ndarray:
   """The rows of a batch-sharded array that this process holds, in order, as NumPy."""
   shards = {}
