@@ -21,8 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.losses import chunked_cross_entropy, vocab_parallel_cross_entropy
-from gemma_jax.model.layers import softcap
+from gemma_jax.losses import token_cross_entropy, token_logprobs
 
 TRUNCATED_MODES = ("keep", "zero", "penalty")
 
@@ -80,27 +79,10 @@ def completion_logprobs(features: jax.Array, table: jax.Array, targets: jax.Arra
                         final_softcap: float | None = None, chunk_size: int = 4096
                         ) -> tuple[jax.Array, jax.Array]:
   """(log p(targets), entropy) per position [B, T] of the tied logits features @ table.T at
-  temperature 1, in float32, computed over token chunks so that only [chunk, vocab] logits
-  exist at a time. For scoring only (no gradient is meant to flow through it)."""
-  b, t, d = features.shape
-  x, y = features.reshape(-1, d), targets.reshape(-1)
-  n = x.shape[0]
-  chunk = min(chunk_size, n)
-  pad = -n % chunk
-  if pad:
-    x, y = jnp.pad(x, [(0, pad), (0, 0)]), jnp.pad(y, [(0, pad)])
-
-  def one(inputs):
-    xc, yc = inputs
-    logits = jnp.einsum("nd,vd->nv", xc, table.astype(xc.dtype),
-                        preferred_element_type=jnp.float32)
-    logp = jax.nn.log_softmax(softcap(logits, final_softcap), axis=-1)
-    picked = jnp.take_along_axis(logp, yc[:, None], axis=-1)[:, 0]
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return picked, entropy
-
-  picked, entropy = jax.lax.map(one, (x.reshape(-1, chunk, d), y.reshape(-1, chunk)))
-  return picked.reshape(-1)[:n].reshape(b, t), entropy.reshape(-1)[:n].reshape(b, t)
+  temperature 1, in float32, over token chunks (gemma_jax.losses.token_logprobs: on the context
+  mesh each chip scores its own rows). For scoring only (no gradient is meant to flow)."""
+  return token_logprobs(features, table, targets, final_softcap=final_softcap,
+                        chunk_size=chunk_size)
 
 
 def rloo_loss(model, batch: dict, rng, *, mesh=None, chunk_size: int = 4096):
@@ -109,19 +91,16 @@ def rloo_loss(model, batch: dict, rng, *, mesh=None, chunk_size: int = 4096):
   batch: tokens/positions/segment_ids/targets [N, T] of prompt + completion rows, and
   loss_weights [N, T] = the row's advantage A_i on each completion target (0 elsewhere), so
   sum_t w * (-log p) = -A_i sum_t log pi(y_i,t). weight = the number of (non-padding) rows,
-  so the step's loss is -mean_i A_i sum_t log pi(y_i,t).
+  so the step's loss is -mean_i A_i sum_t log pi(y_i,t). The mesh is the context's
+  (`jax.set_mesh`); `mesh` is ignored, accepted until trainers/rlhf.py stops passing it.
   """
+  del mesh
   # rng: LoRA dropout (a plain model ignores it).
   features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng)
-  table = model.embedder.input_embedding[...]
-  kw = dict(final_softcap=model.config.final_logits_softcap)
-  weights = batch["loss_weights"]
-  if mesh is not None and mesh.shape["tensor"] > 1:
-    total, _ = vocab_parallel_cross_entropy(features, table, batch["targets"], weights, mesh,
-                                            **kw)
-  else:
-    total, _ = chunked_cross_entropy(features, table, batch["targets"], weights,
-                                     chunk_size=chunk_size, **kw)
+  total, _ = token_cross_entropy(features, model.embedder.input_embedding[...],
+                                 batch["targets"], batch["loss_weights"],
+                                 final_softcap=model.config.final_logits_softcap,
+                                 chunk_size=chunk_size)
   rows = jnp.sum(jnp.any(batch["segment_ids"] > 0, axis=-1)).astype(jnp.float32)
   return total, rows
 
