@@ -32,7 +32,8 @@ from gemma_jax.metrics import measure_matmul_flops  # noqa: E402
 from gemma_jax.model import param_count  # noqa: E402
 from gemma_jax.optim import make_optimizer  # noqa: E402
 from gemma_jax.train_state import RunLayout  # noqa: E402
-from gemma_jax.train_step import jit_train_step, lm_loss  # noqa: E402
+from gemma_jax.losses import lm_loss  # noqa: E402
+from gemma_jax.train_step import jit_train_step  # noqa: E402
 
 # ~21M parameters: 6 layers (5 local, window 128, then 1 global), d=512, 8 query / 4 kv heads.
 MODEL = dict(vocab_size=4096, embed_dim=512, num_layers=6, num_heads=8, num_kv_heads=4,
@@ -68,7 +69,7 @@ class Case:
     self.row = {"dtype": dtype, "remat": remat, "scan_layers": scan_layers,
                 "params": param_count(self.cfg)}
     optimizer, schedule = make_optimizer(OPTIMIZER, total_steps=1000)
-    loss_fn = lambda model, b, rng: lm_loss(model, b, rng, mesh=mesh)
+    loss_fn = lm_loss
     layout = RunLayout.build(self.cfg, optimizer, mesh)
     self.state = layout.init(seed=0)
     self.jitted = jit_train_step(layout, loss_fn, schedule)

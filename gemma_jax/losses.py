@@ -204,12 +204,3 @@ def token_logprobs(features, table, targets, *, final_softcap=None, chunk_size: 
 
   batch = P(_batch_axes(mesh))
   return _on_chips(per_chip, mesh, chunk_size, table, (features, targets), (batch, batch))
-
-
-def vocab_parallel_cross_entropy(features, table, targets, weights, mesh, *, final_softcap=None,
-                                 z_loss: float = 0.0):
-  """Deprecated: token_cross_entropy on `mesh`. Kept only for gemma_jax.train_step's import
-  until it calls `lm_loss` here; delete it then."""
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return token_cross_entropy(features, table, targets, weights, final_softcap=final_softcap,
-                               z_loss=z_loss)

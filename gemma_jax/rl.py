@@ -85,16 +85,15 @@ def completion_logprobs(features: jax.Array, table: jax.Array, targets: jax.Arra
                         chunk_size=chunk_size)
 
 
-def rloo_loss(model, batch: dict, rng, *, mesh=None, chunk_size: int = 4096):
+def rloo_loss(model, batch: dict, rng, *, chunk_size: int = 4096):
   """The policy-gradient loss for the train step as (sum, weight).
 
   batch: tokens/positions/segment_ids/targets [N, T] of prompt + completion rows, and
   loss_weights [N, T] = the row's advantage A_i on each completion target (0 elsewhere), so
   sum_t w * (-log p) = -A_i sum_t log pi(y_i,t). weight = the number of (non-padding) rows,
   so the step's loss is -mean_i A_i sum_t log pi(y_i,t). The mesh is the context's
-  (`jax.set_mesh`); `mesh` is ignored, accepted until trainers/rlhf.py stops passing it.
+  (`jax.set_mesh`).
   """
-  del mesh
   # rng: LoRA dropout (a plain model ignores it).
   features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng)
   total, _ = token_cross_entropy(features, model.embedder.input_embedding[...],

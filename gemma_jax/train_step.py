@@ -13,10 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
 from gemma_jax import sharding
-from gemma_jax.losses import chunked_cross_entropy, vocab_parallel_cross_entropy
 from gemma_jax.model import Transformer
 from gemma_jax.train_state import RunLayout, TrainState
 
@@ -30,24 +28,6 @@ def split_loss(out: tuple) -> tuple[jax.Array, jax.Array, dict]:
   """(sum, weight, extras) from a LossFn's (sum, weight) or (sum, weight, extras)."""
   total, weight, *rest = out
   return total, weight, (rest[0] if rest else {})
-
-
-def lm_loss(model: Transformer, batch: dict, rng, *, z_loss: float = 0.0,
-            mesh: Mesh | None = None, chunk_size: int = 4096):
-  """Next-token cross-entropy (sum, weight) from the tied embedding.
-
-  With a mesh whose `tensor` axis is > 1 the vocabulary-parallel shard_map version runs;
-  otherwise the chunked jit version. Neither materialises full-vocabulary logits.
-  """
-  # rng: LoRA dropout (a plain Gemma has no dropout and ignores it).
-  features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], rng=rng)
-  table = model.embedder.input_embedding[...]
-  kw = dict(final_softcap=model.config.final_logits_softcap, z_loss=z_loss)
-  if mesh is not None and mesh.shape["tensor"] > 1:
-    return vocab_parallel_cross_entropy(features, table, batch["targets"], batch["loss_weights"],
-                                        mesh, **kw)
-  return chunked_cross_entropy(features, table, batch["targets"], batch["loss_weights"],
-                               chunk_size=chunk_size, **kw)
 
 
 def jit_train_step(layout: RunLayout, loss_fn: LossFn, schedule: optax.Schedule, *,

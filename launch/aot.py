@@ -29,7 +29,8 @@ from gemma_jax.metrics import PEAK_FLOPS  # noqa: E402
 from gemma_jax.model import param_count  # noqa: E402
 from gemma_jax.optim import make_optimizer  # noqa: E402
 from gemma_jax.train_state import ModelRecipe, RunLayout  # noqa: E402
-from gemma_jax.train_step import BATCH_KEYS, jit_train_step, lm_loss  # noqa: E402
+from gemma_jax.losses import lm_loss  # noqa: E402
+from gemma_jax.train_step import BATCH_KEYS, jit_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU topology, e.g. v5e:16x16")
@@ -68,7 +69,7 @@ def compile_train_step(config, devices):
   batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len),
                                    jnp.float32 if k == "loss_weights" else jnp.int32,
                                    sharding=sharding.batch_sharding(mesh)) for k in BATCH_KEYS}
-  loss_fn = lambda model, b, rng: lm_loss(model, b, rng, z_loss=config.train.z_loss, mesh=mesh,
+  loss_fn = lambda model, b, rng: lm_loss(model, b, rng, z_loss=config.train.z_loss,
                                           chunk_size=config.train.loss_chunk_size)
   step = jit_train_step(layout, loss_fn, schedule, microbatches=config.train.microbatches)
   start = time.perf_counter()

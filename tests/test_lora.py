@@ -17,7 +17,8 @@ from gemma_jax.model.adapters import LoRA
 from gemma_jax.sampler import Sampler, SamplingParams
 from model_utils import greedy_reference
 from gemma_jax.train_state import RunLayout
-from gemma_jax.train_step import lm_loss, make_train_step
+from gemma_jax.losses import lm_loss
+from gemma_jax.train_step import make_train_step
 
 TOKENS = jnp.array([[2, 17, 99, 4, 51, 23, 8, 9, 40, 41, 42, 43]])
 # delta W = A B in each weight's own layout (l = layers, s = the [k, v] / [gate, up] stack),

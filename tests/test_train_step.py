@@ -17,7 +17,8 @@ from gemma_jax.config import get_config
 from gemma_jax.model import abstract_model
 from gemma_jax.optim import make_optimizer, weight_decay_mask
 from gemma_jax.train_state import RunLayout
-from gemma_jax.train_step import jit_train_step, lm_loss
+from gemma_jax.losses import lm_loss
+from gemma_jax.train_step import jit_train_step
 
 CFG = get_config("tiny_gemma2", dtype="float32")
 
@@ -40,7 +41,7 @@ def synthetic_batch(batch_size=8, seq_len=16, seed=0):
 def run_steps(mesh_sizes, num_steps=2, microbatches=1, devices=None, batch=None):
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes)), devices)
   optimizer, schedule = make_optimizer(optimizer_config(), total_steps=10)
-  loss_fn = lambda model, b, rng: lm_loss(model, b, rng, mesh=mesh, chunk_size=40)
+  loss_fn = lambda model, b, rng: lm_loss(model, b, rng, chunk_size=40)
   layout = RunLayout.build(CFG, optimizer, mesh)
   with jax.set_mesh(mesh):
     state = layout.init(seed=0)

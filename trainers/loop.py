@@ -4,7 +4,7 @@ samples, checkpoints (also at the end and on SIGTERM), and a task's own (RLHF's 
 
 Trainers differ only by a `Task`; pretraining is `Task("pretrain", "pretrain", lm loss)`.
 The extension points, and what the trainers put there:
-  make_loss(config, mesh) -> loss_fn(model, batch, rng) -> (sum, weight) [, extras]
+  make_loss(config) -> loss_fn(model, batch, rng) -> (sum, weight) [, extras]
       pretrain and SFT: lm_loss (chat batches weight only model turns); reward model: a
       pairwise loss over the chosen_/rejected_ halves of preference batches; RLHF: the
       policy-gradient loss. extras: a dict of further sums (e.g. correct pairs), reported
@@ -37,7 +37,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from jax.sharding import Mesh
 
 from configs.base import ConfigError, validate
 from gemma_jax import checkpoint, flops, model_dir, sharding
@@ -57,7 +56,7 @@ class Task:
   """What one trainer adds to the loop (see the module docstring)."""
   name: str
   data_format: str
-  make_loss: Callable[[ml_collections.ConfigDict, Mesh], LossFn]
+  make_loss: Callable[[ml_collections.ConfigDict], LossFn]
   batch_keys: tuple[str, ...] = BATCH_KEYS
   make_model: ModelFn = init_model
   hooks: tuple[hooks_lib.HookFactory, ...] = ()
@@ -82,7 +81,7 @@ class Trainer:
               else lora_lib.recipe(self.lora, task.make_model))
     self.layout = RunLayout.build(self.model_cfg, optimizer, self.mesh, recipe)
     self.layout.check_replication(config.sharding.max_replicated_fraction)
-    self.loss_fn = task.make_loss(config, self.mesh)
+    self.loss_fn = task.make_loss(config)  # the losses shard on the mesh of jax.set_mesh
     self._train_step = jit_train_step(self.layout, self.loss_fn, self.schedule,
                                       microbatches=config.train.microbatches,
                                       batch_keys=task.batch_keys)

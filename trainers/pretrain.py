@@ -13,14 +13,14 @@ import functools
 import sys
 
 import ml_collections
-from jax.sharding import Mesh
 
-from gemma_jax.train_step import LossFn, lm_loss
+from gemma_jax.losses import lm_loss
+from gemma_jax.train_step import LossFn
 from trainers import cli, loop
 
 
-def make_loss(config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
-  return functools.partial(lm_loss, z_loss=config.train.z_loss, mesh=mesh,
+def make_loss(config: ml_collections.ConfigDict) -> LossFn:
+  return functools.partial(lm_loss, z_loss=config.train.z_loss,
                            chunk_size=config.train.loss_chunk_size)
 
 

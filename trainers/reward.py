@@ -15,15 +15,13 @@ import functools
 import sys
 
 import ml_collections
-from jax.sharding import Mesh
 
 from gemma_jax.reward_model import PAIR_KEYS, bradley_terry_loss, init_reward_model
 from gemma_jax.train_step import LossFn
 from trainers import cli, loop
 
 
-def make_loss(config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
-  del mesh
+def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   return functools.partial(bradley_terry_loss, margin=config.reward.margin)
 
 

@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from configs.base import ConfigError, model_config
 from gemma_jax import checkpoint, distributed, rl, sharding
@@ -56,9 +55,9 @@ from trainers import cli, hooks, loop
 ROLLOUTS_FILE = "rollouts.jsonl"  # a few completions per log step (not config.samples)
 
 
-def make_loss(config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
+def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   check_config(config)
-  return functools.partial(rl.rloo_loss, mesh=mesh, chunk_size=config.train.loss_chunk_size)
+  return functools.partial(rl.rloo_loss, chunk_size=config.train.loss_chunk_size)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
