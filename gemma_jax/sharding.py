@@ -115,7 +115,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     if name is not None and name not in LOGICAL_RULES:
       raise ValueError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
     mesh_axes = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and
-                      mesh.shape[a] > 1)
+                      mesh.shape.get(a, 1) > 1)  # a mesh may lack an axis (e.g. tensor)
     if not mesh_axes or dim % math.prod(mesh.shape[a] for a in mesh_axes):
       spec.append(None)
       continue

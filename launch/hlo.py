@@ -357,6 +357,7 @@ class Collective:
   trips: int | None             # product of their trip counts (None: one is unknown)
   traffic_bytes: float          # per chip, one execution (module docstring)
   source: str = ""              # its op_name, else "operand: " + its first operand's
+  known_trips: int = 1          # product of the trip counts that are known (unknown: once)
 
   @property
   def dtype(self) -> str:
@@ -372,12 +373,13 @@ class Collective:
 
   @property
   def step_traffic_bytes(self) -> float:
-    """traffic_bytes times the trips (an unknown trip count counts once)."""
-    return self.traffic_bytes * (1 if self.trips is None else self.trips)
+    """traffic_bytes times the trips (an unknown trip count counts once, as in FLOPs: a loop
+    of unknown length inside, e.g. the sampler's decode loop, is reported per trip)."""
+    return self.traffic_bytes * self.executions
 
   @property
   def executions(self) -> int:
-    return 1 if self.trips is None else self.trips
+    return self.known_trips
 
   @property
   def elements(self) -> int:
@@ -549,7 +551,8 @@ class _Walker:
     return self.trips[ins.name]
 
   def collectives(self, name: str, loops: tuple[str, ...], trips: int | None,
-                  in_fusion: bool, seen: set | None = None) -> Iterator[Collective]:
+                  in_fusion: bool, seen: set | None = None,
+                  known: int = 1) -> Iterator[Collective]:
     comp = self.module.computations[name]
     seen = set() if seen is None else seen  # async-fusion chains already counted
     for ins in comp.instructions.values():
@@ -558,16 +561,17 @@ class _Walker:
         chain = _chain(ins)
         if chain is None or (loops, chain) not in seen:
           seen.add((loops, chain))
-          yield self._site(comp, ins, kind, loops, trips, in_fusion)
+          yield self._site(comp, ins, kind, loops, trips, in_fusion, known)
       for callee in _callees(ins):
         if ins.opcode == "while":
           trip = self._trip(comp, ins)
           inner = None if trips is None or trip is None else trips * trip
-          yield from self.collectives(callee, loops + (ins.name,), inner, False, seen)
+          yield from self.collectives(callee, loops + (ins.name,), inner, False, seen,
+                                      known * (trip or 1))
         else:
-          yield from self.collectives(callee, loops, trips, ins.opcode == "fusion", seen)
+          yield from self.collectives(callee, loops, trips, ins.opcode == "fusion", seen, known)
 
-  def _site(self, comp, ins, kind, loops, trips, in_fusion) -> Collective:
+  def _site(self, comp, ins, kind, loops, trips, in_fusion, known) -> Collective:
     kind, result, operands = _collective(comp, ins, kind, in_fusion)
     n = None if kind == "collective-permute" else group_size(ins, self.module.num_devices)
     op_bytes, res_bytes = sum(a.bytes for a in operands), sum(a.bytes for a in result)
@@ -575,7 +579,7 @@ class _Walker:
     if not source and ins.operands and _op_name(comp[ins.operands[0]]):
       source = "operand: " + _op_name(comp[ins.operands[0]])
     return Collective(kind, ins.name, result, operands, n, comp.name, loops, trips,
-                      traffic(kind, op_bytes, res_bytes, n), source)
+                      traffic(kind, op_bytes, res_bytes, n), source, known)
 
   def flops(self, name: str) -> float:
     """Dot/convolution FLOPs of one run of a computation and all it calls (memoized)."""

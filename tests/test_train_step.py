@@ -158,5 +158,6 @@ def test_aot_compile_for_tpu_topology(capsys):
   assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert result["device_kind"] == "TPU v5 lite"
   assert 0 < result["per_chip_bytes"]["peak"] < 2**30
-  assert result["per_chip_bytes"]["argument"] > 0 and result["xla_flops_per_chip"] > 0
+  assert result["per_chip_bytes"]["argument"] > 0 and result["hlo_flops_per_chip"] > 0
+  assert result["zero3"]["ok"] and result["step_seconds_estimate"]["total"] > 0
   json.dumps(result)
