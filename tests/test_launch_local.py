@@ -9,7 +9,6 @@ agree to float rounding. Each run trains the tiny model for 6 steps, checkpointi
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 
 from gemma_jax import distributed
+from jobs import kill_one_after, run_job
 from launch import local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,16 +47,6 @@ def _losses(workdir: Path) -> dict[int, tuple[float, float]]:
     m = json.loads(line)
     out[m["step"]] = (m["loss"], m["grad_norm"])
   return out
-
-
-def _run_job(command: list[str], processes: int = 2, devices: int = 4, **kwargs) -> tuple[int, str]:
-  out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"launch-local-{os.getpid()}-{time.time_ns()}"
-  with open(out_path, "w+b") as out:
-    status = local.LocalJob(command, processes, devices, out=out, **kwargs).wait()
-    out.seek(0)
-    text = out.read().decode(errors="replace")
-  out_path.unlink()
-  return status, text
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +83,7 @@ def test_env_settings_name_what_is_missing():
 
 def test_outputs_are_prefixed_and_success_is_zero():
   code = "import os; print('id', os.environ['JAX_PROCESS_ID'], os.environ['XLA_FLAGS'])"
-  status, text = _run_job([sys.executable, "-c", code], processes=3, devices=2)
+  status, text = run_job([sys.executable, "-c", code], processes=3, devices=2)
   assert status == 0
   lines = text.splitlines()
   for i in range(3):
@@ -106,7 +96,7 @@ def test_one_failure_stops_the_others():
           "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
           "time.sleep(120)\n")
   start = time.monotonic()
-  status, text = _run_job([sys.executable, "-c", code], processes=3, devices=1, grace=2)
+  status, text = run_job([sys.executable, "-c", code], processes=3, devices=1, grace=2)
   assert status == 3
   assert time.monotonic() - start < 30
   assert "exited with status 3: stopping the others" in text
@@ -118,7 +108,7 @@ def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period():
           "if os.environ['JAX_PROCESS_ID'] == '0': time.sleep(0.5); sys.exit(1)\n"
           "time.sleep(120)\n")
   start = time.monotonic()
-  status, _ = _run_job([sys.executable, "-c", code], processes=2, devices=1, grace=1)
+  status, _ = run_job([sys.executable, "-c", code], processes=2, devices=1, grace=1)
   assert status == 1 and time.monotonic() - start < 30
 
 
@@ -161,7 +151,7 @@ def test_processes_join_one_job_and_dcn_splits_them():
           "  mesh = sharding.make_mesh(cfg)\n"
           "  procs = [[d.process_index for d in row.flat] for row in mesh.devices]\n"
           "  print(jax.process_index(), jax.device_count(), dict(mesh.shape), procs)\n")
-  status, text = _run_job([sys.executable, "-c", code], processes=2, devices=4)
+  status, text = run_job([sys.executable, "-c", code], processes=2, devices=4)
   assert status == 0, text
   for i in range(2):
     assert (f"[{i}] {i} 8 {{'data': 1, 'fsdp': 8, 'tensor': 1}} "
@@ -179,25 +169,13 @@ def killed_and_resumed(tmp_path_factory) -> dict:
   time budget allows no separate uninterrupted 2 x 4 run; the steps logged before the kill
   are that run (see the docstrings of the tests)."""
   workdir = tmp_path_factory.mktemp("two_processes")
-  sink = open(os.devnull, "wb")  # noqa: SIM115 -- the job writes to it until wait() returns
-  job = local.LocalJob(_train_command(workdir), 2, 4, grace=3, out=sink)
+  out = kill_one_after(_train_command(workdir), workdir, CHECKPOINT)
   metrics = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 600
-  while time.monotonic() < deadline and all(p.poll() is None for p in job.procs) and not (
-      metrics.is_file() and len(metrics.read_text().splitlines()) > CHECKPOINT
-      and (workdir / "checkpoints" / str(CHECKPOINT)).is_dir()):
-    time.sleep(0.05)
-  os.kill(job.procs[1].pid, signal.SIGKILL)
-  killed = time.monotonic()
-  status = job.wait()
-  sink.close()
-  out = {"kill_status": status, "stop_seconds": time.monotonic() - killed,
-         "returncodes": [p.returncode for p in job.procs],
-         "metrics_lines": metrics.read_text().splitlines() if metrics.is_file() else [],
-         "before": _losses(workdir) if metrics.is_file() else {},
-         "data_files": sorted(p.name for p in
-                              (workdir / "checkpoints" / str(CHECKPOINT) / "data").glob("*.json"))}
-  out["resume_status"], out["resume_output"] = _run_job(_train_command(workdir))
+  out["metrics_lines"] = metrics.read_text().splitlines() if metrics.is_file() else []
+  out["before"] = _losses(workdir) if metrics.is_file() else {}
+  out["data_files"] = sorted(
+      p.name for p in (workdir / "checkpoints" / str(CHECKPOINT) / "data").glob("*.json"))
+  out["resume_status"], out["resume_output"] = run_job(_train_command(workdir))
   out["after"] = _losses(workdir)
   out["leftovers"] = list(workdir.glob(".shared-check-*"))
   return out

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from gemma_jax import sharding
-from gemma_jax.losses import (chunked_cross_entropy, cross_entropy, token_cross_entropy,
-                              token_logprobs)
+from gemma_jax.losses import (VOCAB_TILE, chunked_cross_entropy, cross_entropy,
+                              token_cross_entropy, token_logprobs)
 from gemma_jax.model import softcap
 
 B, T, D, V = 8, 12, 16, 64
@@ -67,12 +67,14 @@ def on_mesh(shape, fn, *args):
 
 @pytest.mark.parametrize("shape", MESHES)
 @pytest.mark.parametrize("cap,z_loss,chunk", CASES)
-def test_cross_entropy_and_gradients_match_float64(shape, cap, z_loss, chunk):
+@pytest.mark.parametrize("vocab_tile", [VOCAB_TILE, 8])  # one tile of the slice, or several
+def test_cross_entropy_and_gradients_match_float64(shape, cap, z_loss, chunk, vocab_tile):
   x, table, targets, weights = inputs()
 
   def loss_and_grads(x, table, targets, weights):
     f = lambda x, table: token_cross_entropy(x, table, targets, weights, final_softcap=cap,
-                                             z_loss=z_loss, chunk_size=chunk)
+                                             z_loss=z_loss, chunk_size=chunk,
+                                             vocab_tile=vocab_tile)
     (total, weight), vjp = jax.vjp(f, x, table)
     return total, weight, *vjp((jnp.float32(1), jnp.float32(0)))
 

@@ -17,7 +17,6 @@ rtol 1e-5, the RLOO loss within 1e-4.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch import local
+from jobs import kill_one_after, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -58,17 +57,6 @@ def command(trainer: str, workdir: Path, *args: str) -> list[str]:
   return [sys.executable, "-m", f"trainers.{trainer}", *argv(trainer, workdir, *args)[1:]]
 
 
-def run_two(cmd: list[str], **kwargs) -> tuple[int, str]:
-  """cmd as 2 processes x 4 devices; (status, prefixed output)."""
-  path = Path(os.environ.get("TMPDIR", "/tmp")) / f"multihost-{os.getpid()}-{time.time_ns()}"
-  with open(path, "w+b") as out:
-    status = local.LocalJob(cmd, 2, 4, out=out, **kwargs).wait()
-    out.seek(0)
-    text = out.read().decode(errors="replace")
-  path.unlink()
-  return status, text
-
-
 def metrics(workdir: Path) -> dict[int, dict]:
   """{step: every metric logged at it}; a step logged again after a resume keeps the last."""
   out: dict[int, dict] = {}
@@ -98,20 +86,9 @@ def rlhf_killed_and_resumed(tmp_path_factory) -> dict:
   """A 2 x 4 RLHF run whose process 1 is SIGKILLed once step 4 is logged (checkpoint 3
   exists), then the same command again, resuming."""
   workdir = tmp_path_factory.mktemp("rlhf_two")
-  sink = open(os.devnull, "wb")  # noqa: SIM115 -- the job writes to it until wait() returns
-  job = local.LocalJob(command("rlhf", workdir, *RLHF), 2, 4, grace=3, out=sink)
-  log = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 600
-  while time.monotonic() < deadline and all(p.poll() is None for p in job.procs) and not (
-      log.is_file() and len(log.read_text().splitlines()) > CHECKPOINT
-      and (workdir / "checkpoints" / str(CHECKPOINT)).is_dir()):
-    time.sleep(0.05)
-  os.kill(job.procs[1].pid, signal.SIGKILL)
-  killed = time.monotonic()
-  out = {"kill_status": job.wait(), "stop_seconds": time.monotonic() - killed,
-         "before": metrics(workdir) if log.is_file() else {}}
-  sink.close()
-  out["resume_status"], out["resume_output"] = run_two(command("rlhf", workdir, *RLHF))
+  out = kill_one_after(command("rlhf", workdir, *RLHF), workdir, CHECKPOINT)
+  out["before"] = metrics(workdir) if (workdir / "metrics.jsonl").is_file() else {}
+  out["resume_status"], out["resume_output"] = run_job(command("rlhf", workdir, *RLHF))
   out["after"] = metrics(workdir)
   return out
 
@@ -149,7 +126,7 @@ def test_a_bad_reward_on_one_host_stops_every_host(tmp_path, monkeypatch, reward
   monkeypatch.setenv("PYTHONPATH", str(TESTS))
   spec = f"faulty_rewards:{reward_fn}"
   start = time.monotonic()
-  status, text = run_two(command("rlhf", tmp_path, *RLHF, f"--config.rlhf.reward_fn={spec}"))
+  status, text = run_job(command("rlhf", tmp_path, *RLHF, f"--config.rlhf.reward_fn={spec}"))
   assert status == 2, text[-3000:]
   for i in range(2):
     assert f"[{i}] config error: process 1: config.rlhf.reward_fn={spec!r} {message}" in text
@@ -170,7 +147,7 @@ def reward_one(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 def test_reward_trainer_on_two_hosts_equals_one(reward_one, tmp_path):
-  status, text = run_two(command("reward", tmp_path, *REWARD))
+  status, text = run_job(command("reward", tmp_path, *REWARD))
   assert status == 0, text[-3000:]
   assert_same_steps(metrics(tmp_path), reward_one[1], ("loss", "accuracy", "margin",
                                                        "grad_norm"))
@@ -184,7 +161,7 @@ def test_sft_on_two_hosts_equals_one(tmp_path):
          "--config.samples.every=0", "--config.optimizer.warmup_steps=2",
          "--config.lora.dropout=0.0", *ONE_RECORD_PER_ROW]
   want = run_one("sft", tmp_path / "one", *sft)
-  status, text = run_two(command("sft", tmp_path / "two", *sft))
+  status, text = run_job(command("sft", tmp_path / "two", *sft))
   assert status == 0, text[-3000:]
   got = metrics(tmp_path / "two")
   assert_same_steps(got, want, ("loss", "grad_norm"))
@@ -197,7 +174,7 @@ def test_rlhf_with_a_reward_model_and_lora_on_two_hosts_equals_one(reward_one, t
   args = [*RLHF, "--config.rlhf.reward_fn=", f"--config.rlhf.reward_model={reward_one[0]}",
           "--config.lora.rank=4"]
   want = run_one("rlhf", tmp_path / "one", *args)
-  status, text = run_two(command("rlhf", tmp_path / "two", *args))
+  status, text = run_job(command("rlhf", tmp_path / "two", *args))
   assert status == 0, text[-3000:]
   got = metrics(tmp_path / "two")
   assert [got[s]["completion_length"] for s in sorted(got)] == \
@@ -223,7 +200,7 @@ def test_generate_on_two_hosts_equals_one_device(tmp_path, capsys):
           "--seed", "3", "--json"]
   assert generate.main(args) == 0  # one device
   want = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  status, text = run_two([sys.executable, "-m", "gemma_jax.generate", *args,
+  status, text = run_job([sys.executable, "-m", "gemma_jax.generate", *args,
                           "--mesh", "data=2,fsdp=4"])
   assert status == 0, text[-3000:]
   got = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("[0] {")]
