@@ -61,7 +61,7 @@ def load_model_dir(directory: str | os.PathLike, mesh: Mesh | None = None, *,
   cfg = load_config(directory, **config_overrides)
   make = init_reward_model if what == "reward" else init_model
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(cfg)))
-  target = _target(abstract, mesh)
+  target = sharding.laid_out(abstract, mesh)
   if what == "model":
     params = checkpoint.restore_params(directory, target)
   else:
@@ -139,7 +139,7 @@ def load_lora_run(adapters: str | os.PathLike, base: str | os.PathLike | None = 
   model = lora.recipe(cfg_lora).materialize(cfg, seed, base_params, mesh)
   trainable = nnx.state(model, lora.TRAINABLE)
   trainable.replace_by_pure_dict(
-      checkpoint.restore_train_params(adapters, _target(trainable, mesh), step))
+      checkpoint.restore_train_params(adapters, sharding.laid_out(trainable, mesh), step))
   nnx.update(model, trainable)
   return cfg, model, _tokenizer(adapters) or tokenizer
 
@@ -159,18 +159,6 @@ def merge_lora_run(base: str | os.PathLike | None, adapters: str | os.PathLike,
 def _loader(directory: str | os.PathLike):
   """The ModelFn of a directory's (untransformed) model."""
   return init_reward_model if kind(directory) == "reward" else init_model
-
-
-def _target(abstract: nnx.State, mesh: Mesh | None) -> dict:
-  """ShapeDtypeStructs to restore an abstract state's arrays into: the rule table's
-  shardings on `mesh`, else the first device."""
-  if mesh is not None:
-    shardings = sharding.param_shardings(abstract, mesh)
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract.to_pure_dict())
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract.to_pure_dict(), shardings)
 
 
 def _tokenizer(directory: Path) -> Path | None:

@@ -150,6 +150,19 @@ def param_shardings(abstract_state, mesh: Mesh):
   return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
 
 
+def laid_out(abstract_state, mesh: Mesh | None = None) -> dict:
+  """ShapeDtypeStructs (a pure dict) of an abstract nnx.State whose Variables carry `axes`,
+  with the rule table's shardings on `mesh` (the first device without one): what arrays are
+  initialised or restored into."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_state.to_pure_dict())
+  else:
+    shardings = param_shardings(abstract_state, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_state.to_pure_dict(), shardings)
+
+
 def batch_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> tuple[str, ...]:
   """The mesh axes a batch is split over: the rule of the logical axis `batch`, in this mesh.
   Everything that splits a batch (data pipeline, train step, losses, sampler) asks here."""

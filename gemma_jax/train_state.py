@@ -148,8 +148,8 @@ class RunLayout:
   def build(cls, cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
             recipe: ModelRecipe = ModelRecipe()) -> RunLayout:
     model = recipe.abstract(cfg)
-    params = _laid_out(nnx.state(model, recipe.trainable), mesh)
-    frozen = _laid_out(nnx.state(model, _frozen_filter(recipe.trainable)), mesh) or None
+    params = sharding.laid_out(nnx.state(model, recipe.trainable), mesh)
+    frozen = sharding.laid_out(nnx.state(model, _frozen_filter(recipe.trainable)), mesh)
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_shardings = sharding.tree_shardings_like(opt_state, params, _shardings(params), mesh)
     replicated = sharding.replicated(mesh)
@@ -157,8 +157,8 @@ class RunLayout:
     abstract = TrainState(
         params=params, opt_state=_with_shardings(opt_state, opt_shardings),
         step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated), frozen=frozen,
-        trainable=recipe.trainable)
+        rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated),
+        frozen=frozen or None, trainable=recipe.trainable)
     return cls(cfg, optimizer, mesh, recipe, nnx.graphdef(model), abstract)
 
   @property
@@ -171,8 +171,8 @@ class RunLayout:
     config.init_from is loaded into."""
     if self.recipe.transform is None:
       return self.abstract.model_params()
-    return _laid_out(nnx.state(nnx.eval_shape(lambda: self.recipe.make_model(self.cfg, 0)),
-                               nnx.Param), self.mesh)
+    base = nnx.eval_shape(lambda: self.recipe.make_model(self.cfg, 0))
+    return sharding.laid_out(nnx.state(base, nnx.Param), self.mesh)
 
   def model(self, params: dict) -> nnx.Module:
     """The model with these parameters (a state's model_params())."""
@@ -197,11 +197,6 @@ class RunLayout:
     """sharding.check_replication over the whole model's parameters."""
     params = self.abstract.model_params()
     return sharding.check_replication(params, _shardings(params), max_fraction)
-
-
-def _laid_out(state: nnx.State, mesh: Mesh) -> dict:
-  """ShapeDtypeStructs with the rule table's shardings for an abstract nnx.State."""
-  return _with_shardings(state.to_pure_dict(), sharding.param_shardings(state, mesh))
 
 
 def _with_shardings(tree, shardings):

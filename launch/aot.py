@@ -93,8 +93,8 @@ def compile_decode_step(config, devices, new_tokens: int = 64):
   mesh, axes = layout.mesh, sharding.batch_axes(layout.mesh)
   graphdef, params = layout.graphdef, nnx.State(layout.abstract.model_params())
   rows = config.train.global_batch_size
-  put = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                  sharding=sharding.batch_sharding(mesh, len(shape)))
+  put = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
   settings = sampler.RowSettings(*(put((rows,), d) for d in (
       jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.uint32)))
   stop_ids = np.asarray([1], np.int32)

@@ -120,10 +120,11 @@ class Trainer:
     seed = self.config.train.seed
     state = self.checkpoints.restore_latest(self.layout.abstract, self.data)
     if state is not None:
-      self.state, source = self._with_frozen(state), f"resumed from checkpoint step {int(state.step)}"
+      self.state = self._with_frozen(state)
+      source = f"resumed from checkpoint step {int(state.step)}"
     elif self.config.init_from:
-      self.state, source = self.layout.init(seed, self.base_params()), \
-          f"params from {self.config.init_from}"
+      self.state = self.layout.init(seed, self.base_params())
+      source = f"params from {self.config.init_from}"
     else:
       self.state, source = self.layout.init(seed), "random init"
     self.step_count = int(self.state.step)
