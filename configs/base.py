@@ -17,7 +17,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from gemma_jax import lora, rl, sharding
+from gemma_jax import exits, lora, rl, sharding
 from gemma_jax.checkpoint import CONFIG_FILE
 from gemma_jax.config import ModelConfig
 from gemma_jax.data import default_config as data_config
@@ -28,7 +28,7 @@ _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 NON_FINITE = ("skip", "stop")
 
 
-class ConfigError(ValueError):
+class ConfigError(exits.UsageError):
   """A job config that cannot run; the message names the key."""
 
 
@@ -64,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
       steps=100, global_batch_size=8, seq_len=128, microbatches=1, seed=0, z_loss=0.0,
       loss_chunk_size=4096,
       # A step whose loss or gradient norm is not finite leaves the state unchanged and is
-      # reported; "stop" then ends the run with an error.
-      non_finite="skip"))
+      # reported; "stop" then ends the run with an error, and so does "skip" after
+      # max_skipped_in_a_row such steps in a row (0 = never); either saves first.
+      non_finite="skip", max_skipped_in_a_row=5))
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-4, schedule="cosine", warmup_steps=10, end_lr_fraction=0.1, b1=0.9,
       b2=0.95, eps=1e-8, weight_decay=0.1, decay_embedding=False, decay_norms=False,
@@ -144,7 +145,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
     raise ConfigError(f"config.model: {e}") from e
   t = c.train
   _at_least(t, "train", steps=1, global_batch_size=1, seq_len=2, microbatches=1,
-            loss_chunk_size=1)
+            loss_chunk_size=1, max_skipped_in_a_row=0)
   if t.seq_len > cfg.max_seq_len:
     raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds the model's max_seq_len="
                       f"{cfg.max_seq_len} (config.model.max_seq_len)")

@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -75,12 +76,30 @@ def load_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: not found; is {directory} a model directory "
                             f"(config.json, params/, tokenizer.model)?")
-  fields = json.loads(path.read_text())
+  fields = read_json(path)
+  if not isinstance(fields, dict):
+    raise ValueError(f"{path}: expected a JSON object of ModelConfig fields, got "
+                     f"{type(fields).__name__}")
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   if unknown := set(fields) - known:
     raise ValueError(f"{path}: unknown ModelConfig field(s) {sorted(unknown)}")
-  fields["attention_pattern"] = tuple(fields["attention_pattern"])
-  return ModelConfig(**{**fields, **overrides})
+  if "attention_pattern" in fields:
+    fields["attention_pattern"] = tuple(fields["attention_pattern"])
+  try:
+    return ModelConfig(**{**fields, **overrides})
+  except (TypeError, ValueError) as e:  # a missing field, or a value ModelConfig refuses
+    raise ValueError(f"{path}: {e}") from e
+
+
+def read_json(path: str | os.PathLike):
+  """The JSON value in file `path`; invalid JSON is a ValueError naming the file, line and
+  column."""
+  try:
+    return json.loads(Path(path).read_text())
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): is it a JSON file?") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
 def restore_params(directory: str | os.PathLike, target: dict) -> dict:
@@ -104,7 +123,7 @@ class TrainCheckpointer:
   (the grain iterator state of every process: process_{i}-of-{n}.json). orbax writes a step
   into a temporary directory and renames it when every item is complete, so a crash mid-save
   leaves the previous checkpoint as the newest; a step that fails to restore (a damaged
-  file) is reported and the next older one is tried. Restoring into ShapeDtypeStructs with
+  file) is reported, the next older one is tried, and the damaged one is set aside. Restoring into ShapeDtypeStructs with
   another mesh's shardings reshards. Kept: the newest `keep` steps and every multiple of
   `keep_every` (0 = none).
   """
@@ -151,24 +170,40 @@ class TrainCheckpointer:
                             **out["meta"])
 
   def restore_latest(self, abstract: TrainState, data_iterator=None) -> TrainState | None:
-    """The newest step that restores, or None when there is no checkpoint. With several
-    processes a step counts only if it restores on every one (e.g. each reads its own data
-    state), so all fall back to the same older step together."""
-    errors = []
+    """The newest step that restores, or None when there is no checkpoint. Newer steps that
+    do not restore are then set aside as <step>.damaged, so that the run can save those steps
+    again (when none restores, nothing is renamed). With several processes a step counts only
+    if it restores on every one (e.g. each reads its own data state): all fall back together."""
+    damaged: list[tuple[int, str]] = []
     for step in reversed(self.steps()):
       try:
         state, error = self.restore(step, abstract, data_iterator), None
       except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
-        state, error = None, f"{type(e).__name__}: {e}"
+        state, error = None, f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
       if distributed.all_true(error is None):
+        for bad, why in damaged:
+          log.warning("checkpoint %s/%d does not restore (%s); set aside as %s, resuming from "
+                      "step %d", self.directory, bad, why, self._set_aside(bad), step)
         return state
-      error = error or "it does not restore on another process"
-      log.warning("checkpoint %s/%d does not restore (%s); trying an older one",
-                  self.directory, step, error)
-      errors.append(f"step {step}: {error}")
-    if errors:
-      raise ValueError(f"{self.directory}: no checkpoint restores:\n" + "\n".join(errors))
+      damaged.append((step, error or "it does not restore on another process"))
+    if damaged:
+      raise ValueError(f"{self.directory}: no checkpoint restores: "
+                       + "; ".join(f"step {step}: {why}" for step, why in damaged))
     return None
+
+  def _set_aside(self, step: int) -> str:
+    """Rename step's directory to <step>.damaged (process 0; the others wait for it)."""
+    source = self.directory / str(step)
+    target, n = source.with_name(f"{step}.damaged"), 1
+    while target.exists():
+      n += 1
+      target = source.with_name(f"{step}.damaged-{n}")
+    distributed.all_true(True)  # every process has chosen the name before it is taken
+    if jax.process_index() == 0:
+      source.rename(target)
+    distributed.all_true(True)  # and sees the rename from here on
+    self._manager.reload()
+    return target.name
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once JAX's preemption service saw a SIGTERM (multi-host)."""

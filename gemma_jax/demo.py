@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gemma_jax import exits
 from gemma_jax.config import get_config
 from gemma_jax.model import init_model, param_count
 from gemma_jax.sampler import Sampler, SamplingParams
@@ -27,7 +28,8 @@ from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
 CORPUS = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "tokenizer_corpus.txt"
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits.command("gemma_jax.demo")
+def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="tiny_gemma3")
   parser.add_argument("--max_new_tokens", type=int, default=16)

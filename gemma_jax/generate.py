@@ -23,7 +23,7 @@ import sys
 
 import jax
 
-from gemma_jax import distributed, sharding
+from gemma_jax import distributed, exits, sharding
 from gemma_jax.model_dir import load_model_dir
 from gemma_jax.sampler import Sampler, SamplingParams
 from gemma_jax.tokenizer import Tokenizer
@@ -65,13 +65,14 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser, args = parse_args(argv)
+@exits.command("gemma_jax.generate")
+def main(argv: list[str]) -> int:
+  _, args = parse_args(argv)
   try:
     distributed.initialize(auto=args.distributed)
     completions = _generate(args)
   except (FileNotFoundError, ValueError, distributed.DistributedError) as e:
-    parser.error(str(e))
+    raise exits.UsageError(exits.describe(e)) from e  # a flag or --checkpoint at fault
   if jax.process_index() != 0:
     return 0
   for i, (prompt, c) in enumerate(zip(args.prompt, completions)):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import sys
 
+from gemma_jax import exits
 from gemma_jax.config import get_config, preset_names
 from gemma_jax.model import param_count_breakdown
 
@@ -22,7 +23,8 @@ def model_info(name: str) -> dict:
           "params": param_count_breakdown(cfg)}
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits.command("gemma_jax.info")
+def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", required=True, choices=preset_names(), metavar="PRESET",
                       help="one of: " + ", ".join(preset_names()))

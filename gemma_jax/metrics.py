@@ -123,8 +123,8 @@ class MetricsWriter:
     done = step / self._total
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
     parts = [f"step {step:>{len(str(self._total))}}/{self._total} [{bar}] {done:4.0%}"]
-    fmt = {"loss": "loss {:.4f}", "perplexity": "ppl {:.2f}", "eval_loss": "eval_loss {:.4f}",
-           "eval_perplexity": "eval_ppl {:.2f}", "grad_norm": "gnorm {:.3f}",
+    fmt = {"loss": "loss {:.4f}", "perplexity": "ppl {:.6g}", "eval_loss": "eval_loss {:.4f}",
+           "eval_perplexity": "eval_ppl {:.6g}", "grad_norm": "gnorm {:.3f}",
            "learning_rate": "lr {:.2e}", "tokens_per_s": "tok/s {:,.0f}",
            "step_time_s": "step {:.3f}s", "mfu": "mfu {:.1%}", "skipped_steps": "skipped {:.0f}",
            # reward model and RLHF runs

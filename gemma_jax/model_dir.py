@@ -113,8 +113,11 @@ def read_lora_run(workdir: str | os.PathLike) -> tuple[lora.LoRAConfig, str, int
   if not path.is_file():
     raise FileNotFoundError(f"{path}: not found; is {workdir} the workdir of a LoRA run "
                             "(lora.rank > 0)?")
-  data = json.loads(path.read_text())
-  return lora.LoRAConfig(**data["lora"]), data["base"], int(data["seed"])
+  data = checkpoint.read_json(path)
+  try:
+    return lora.LoRAConfig(**data["lora"]), data["base"], int(data["seed"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: not a lora.json of this version ({type(e).__name__}: {e})") from e
 
 
 def load_lora_run(adapters: str | os.PathLike, base: str | os.PathLike | None = None,

@@ -14,6 +14,7 @@ import sys
 
 import uvicorn
 
+from gemma_jax import exits
 from gemma_jax.model_dir import load_model_dir
 from gemma_jax.sampler import Sampler
 from gemma_jax.serving.api import create_app
@@ -35,7 +36,8 @@ def build_app(checkpoint: str, *, dtype: str | None = None, max_batch: int = 16,
   return app, engine
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits.command("gemma_jax.serve")
+def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True, help="model directory")
   parser.add_argument("--host", default="127.0.0.1")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms,
                             max_new_tokens_limit=args.max_new_tokens_limit)
   except (FileNotFoundError, ValueError) as e:
-    parser.error(str(e))
+    raise exits.UsageError(exits.describe(e)) from e  # --checkpoint at fault
   engine.start()
   try:
     uvicorn.run(app, host=args.host, port=args.port)

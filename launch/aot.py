@@ -32,7 +32,7 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.base import model_config  # noqa: E402
-from gemma_jax import flops, lora, sampler, sharding  # noqa: E402
+from gemma_jax import exits, flops, lora, sampler, sharding  # noqa: E402
 from gemma_jax.metrics import PEAK_FLOPS  # noqa: E402
 from gemma_jax.optim import make_optimizer  # noqa: E402
 from gemma_jax.train_state import ModelRecipe, RunLayout  # noqa: E402
@@ -183,9 +183,16 @@ def report(config, topology: str, task: str = "pretrain", decode: bool = False,
   }
 
 
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "show an error's full stack, not one line")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  return exits.run("launch.aot", lambda _: _print_report(), [], traceback=_TRACEBACK.value)
+
+
+def _print_report() -> int:
   result = report(_CONFIG.value, _TOPOLOGY.value, _TASK.value, _DECODE.value, _AUDIT.value)
   if _AUDIT.value:
     z = result["zero3"]
@@ -197,6 +204,7 @@ def main(argv):
           f"[tokens, vocab] collectives: {z['logits_collectives'] or 'none'}", file=sys.stderr)
   print(json.dumps(result))
   sys.stdout.flush()
+  return 0
 
 
 if __name__ == "__main__":

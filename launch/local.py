@@ -14,7 +14,10 @@ Output lines are prefixed with the process index ("[1] ..."). SIGINT and SIGTERM
 to every process (a trainer saves a checkpoint and exits on SIGTERM); a second signal kills
 them. When one process fails, the others are sent SIGTERM, then SIGKILL after --grace seconds
 (they may be blocked in a collective with the dead one), and the launcher exits with the first
-failure's status. A process killed by signal S counts as status 128 + S.
+failure's status. A process killed by signal S counts as status 128 + S. A trainer stopped by
+SIGTERM exits with 75 (gemma_jax.exits.EXIT_PREEMPTED) after every process saved the same
+step: that is no failure (the others are left to finish their save); the launcher exits with 75
+too, saying the job can resume.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import BinaryIO
+
+from gemma_jax import exits
+from gemma_jax.exits import EXIT_PREEMPTED
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -119,7 +125,7 @@ class LocalJob:
     while [p.poll() for p in self.procs].count(None):  # poll every one: sets returncode
       if failed is None:
         failed = next((exit_status(p.returncode) for p in self.procs
-                       if p.returncode not in (None, 0)), None)
+                       if p.returncode not in (None, 0, EXIT_PREEMPTED)), None)
         if failed is not None:
           self._note(f"a process exited with status {failed}: stopping the others")
           self._send(signal.SIGTERM)
@@ -132,6 +138,9 @@ class LocalJob:
       reader.join(timeout=5)
     if failed is None:
       failed = next((exit_status(p.returncode) for p in self.procs if p.returncode), 0)
+    if failed == EXIT_PREEMPTED:
+      self._note(f"preempted (status {EXIT_PREEMPTED}): the job saved a checkpoint; run the "
+                 "same command again to resume")
     return failed
 
   def _note(self, message: str) -> None:
@@ -176,14 +185,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+@exits.command("launch.local")
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
   try:
     return run(args.command, args.processes, args.devices_per_process, grace=args.grace,
                prefix=not args.no_prefix, port=args.port)
-  except (ValueError, OSError) as e:
-    print(f"launch.local: {e}", file=sys.stderr)
-    return 2
+  except (ValueError, OSError) as e:  # the flags, or a command that cannot start
+    raise exits.UsageError(exits.describe(e)) from e
 
 
 if __name__ == "__main__":

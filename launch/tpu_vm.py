@@ -25,7 +25,9 @@ worker runs the same trainer command (`--worker=all`), which joins the job with
   Without --detach the output of all workers streams here and ends with the job; with it the
   job runs under nohup, writing ~/gemma-jax/run.log (`logs` follows worker 0's, where process
   0 prints the metrics) and its pid to ~/gemma-jax/run.pid (`stop` sends it SIGTERM: every
-  host saves a checkpoint at the same step and exits).
+  host saves a checkpoint at the same step and exits). A trainer stopped by SIGTERM (`stop`,
+  or a preemption) exits with status 75 (gemma_jax.exits.EXIT_PREEMPTED), which `run` passes
+  on with a note: the job is resumable by running the same command again.
 - delete: the VM, or the queued resource with its nodes.
 
 The workdir must be one file system seen by every worker (a gcsfuse-mounted bucket or NFS at the
@@ -43,6 +45,9 @@ import tarfile
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from gemma_jax import exits
+from gemma_jax.exits import EXIT_PREEMPTED
 
 REMOTE_DIR = "~/gemma-jax"
 REMOTE_ARCHIVE = "~/gemma-jax.tar.gz"
@@ -251,8 +256,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+@exits.command("launch.tpu_vm")
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
   try:
     if args.dry_run:
       for command in plan(args):
@@ -263,7 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         archive = pack_checkout(Path(__file__).resolve().parents[1],
                                 Path(tmp) / "gemma-jax.tar.gz")
         return execute(plan(args, str(archive)))
-    return execute(plan(args))
+    status = execute(plan(args))
+    if args.action == "run" and status == EXIT_PREEMPTED:
+      print(f"launch.tpu_vm: the job was stopped by SIGTERM after saving a checkpoint (status "
+            f"{EXIT_PREEMPTED}: preempted); `run` the same command again to resume",
+            file=sys.stderr)
+    return status
   except LaunchError as e:
     print(f"launch.tpu_vm: {e}", file=sys.stderr)
     return 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma_jax import distributed
+from gemma_jax import distributed, exits
 from jobs import kill_one_after, run_job
 from launch import local
 
@@ -100,6 +100,16 @@ def test_one_failure_stops_the_others():
   assert status == 3
   assert time.monotonic() - start < 30
   assert "exited with status 3: stopping the others" in text
+
+
+def test_a_preempted_process_is_no_failure_and_the_job_says_it_can_resume():
+  # Process 1 saves and exits 75 at once; process 0 takes longer and must not be stopped.
+  code = ("import os, sys, time\n"
+          "if os.environ['JAX_PROCESS_ID'] == '0': time.sleep(3); print('saved', flush=True)\n"
+          "sys.exit(75)\n")
+  status, text = run_job([sys.executable, "-c", code], processes=2, devices=1, grace=0.5)
+  assert status == exits.EXIT_PREEMPTED and "[0] saved" in text, text
+  assert "stopping the others" not in text and "preempted (status 75)" in text, text
 
 
 def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period():

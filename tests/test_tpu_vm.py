@@ -126,3 +126,13 @@ def test_pack_checkout_holds_the_code_not_the_venv(tmp_path, monkeypatch):
   assert {"launch/tpu_vm.py", "trainers/pretrain.py", "configs/gemma_2b.py",
           "pyproject.toml"} <= names
   assert not any(n.startswith((".venv/", ".git/")) for n in names)
+
+
+def test_a_preempted_run_is_reported_as_resumable(monkeypatch, capsys):
+  statuses = {"run": 75, "stop": 0}
+  for action, status in statuses.items():
+    monkeypatch.setattr(tpu_vm.subprocess, "call", lambda command, s=status: s)
+    argv = [action, *SCOPE, *(TRAIN if action == "run" else [])]
+    assert tpu_vm.main(argv) == status
+  err = capsys.readouterr().err
+  assert err.count("preempted") == 1 and "`run` the same command again to resume" in err, err

@@ -30,11 +30,11 @@ from flax import nnx
 
 from configs import tiny
 from configs.base import model_config
-from gemma_jax import checkpoint, metrics
+from gemma_jax import checkpoint, exits, metrics
 from gemma_jax.model_dir import load_model_dir
 from gemma_jax.optim import make_optimizer
 from gemma_jax.train_state import RunLayout
-from trainers import hooks, loop, plot, pretrain
+from trainers import cli, hooks, loop, plot, pretrain
 
 N = 8
 TOTAL = 2 * N
@@ -80,7 +80,8 @@ def driver(workdir: str, mode: str) -> None:
   # Evaluation in the reference run only also shows that it leaves training untouched.
   config = make_config(every=N, sources=({"path": tiny.CORPUS},)) if mode == "straight" \
       else make_config()
-  loop.run(config, workdir, dataclasses.replace(TASK, hooks=(hooks.before_step(hook),)))
+  task = dataclasses.replace(TASK, hooks=(hooks.before_step(hook),))
+  sys.exit(cli.report(task, loop.run(config, workdir, task)))  # the trainers' exit status
 
 
 def run_driver(workdir: Path, mode: str, cache: Path, sig: int | None = None) -> tuple[int, str]:
@@ -171,7 +172,7 @@ def test_kill9_then_sigterm_then_resume_is_bit_exact(straight, cache, tmp_path):
   assert checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=3).steps() == [N]
 
   rc, out = run_driver(workdir, "term", cache, signal.SIGTERM)
-  assert rc == 0 and f"SIGTERM: saved checkpoint step {N + 3}" in out, out
+  assert rc == exits.EXIT_PREEMPTED and f"SIGTERM: saved checkpoint step {N + 3}" in out, out
   assert checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=3).steps() == [N, N + 3]
 
   run_driver(workdir, "resume", cache)
@@ -217,6 +218,26 @@ def test_interrupted_or_damaged_newest_checkpoint_falls_back(straight, tmp_path)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(want))
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_goes_on(straight, cache, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(straight.workdir, workdir, ignore=shutil.ignore_patterns(
+      metrics.METRICS_FILE, "tensorboard"))
+  arrays = max((f for f in (workdir / "checkpoints" / str(TOTAL) / "params").rglob("*")
+                if f.is_file()), key=lambda f: f.stat().st_size)
+  with open(arrays, "r+b") as f:  # the file of the array data, truncated
+    f.truncate(arrays.stat().st_size // 2)
+  run_driver(workdir, "resume", cache)  # before the fix: StepAlreadyExistsError at TOTAL
+  warnings = [line for line in (tmp_path / "resume.stderr").read_text().splitlines()
+              if "set aside" in line]
+  assert len(warnings) == 1 and f"set aside as {TOTAL}.damaged, resuming from step {N}" in \
+      warnings[0], warnings
+  steps = checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=3).steps()
+  assert steps == [N, TOTAL] and (workdir / "checkpoints" / f"{TOTAL}.damaged").is_dir()
+  resumed = finished(workdir)
+  assert resumed.losses == {s: v for s, v in straight.losses.items() if s > N}
+  jax.tree.map(np.testing.assert_array_equal, resumed.state, straight.state)
+
+
 def test_workdir_loads_like_a_model_directory(straight):
   cfg, model, tokenizer = load_model_dir(straight.workdir)
   assert cfg == model_config(make_config())
@@ -256,9 +277,9 @@ def test_tensorboard_and_plot(straight, tmp_path):
 
 def test_non_finite_policy():
   values = {"loss": math.nan, "grad_norm": 1.0}
-  hooks.report_non_finite(7, values, "skip")
+  hooks.report_non_finite(7, values, "skip", 1, 5)
   with pytest.raises(hooks.NonFiniteError, match="step 7.*non_finite='stop'"):
-    hooks.report_non_finite(7, values, "stop")
+    hooks.report_non_finite(7, values, "stop", 1, 5)
 
 
 def test_init_from_a_model_directory(straight, tmp_path):

@@ -147,16 +147,26 @@ class SaveCheckpoint(Hook):
 
 
 class NonFiniteError(RuntimeError):
-  """A non-finite loss or gradient with train.non_finite='stop'."""
+  """Non-finite steps that end the run: one with train.non_finite='stop', or
+  train.max_skipped_in_a_row of them in a row."""
 
 
-def report_non_finite(step: int, metrics: dict[str, float], policy: str) -> None:
-  """Warn about a skipped step; with policy 'stop' (config.train.non_finite) raise."""
-  message = (f"step {step}: non-finite loss ({metrics['loss']}) or gradient norm "
-             f"({metrics['grad_norm']}); the update was skipped")
+def report_non_finite(step: int, metrics: dict[str, float], policy: str, in_a_row: int,
+                      limit: int) -> None:
+  """Warn about a skipped step, naming the values that were not finite; raise
+  NonFiniteError with policy 'stop' or at the limit of skipped steps in a row."""
+  values = {"loss": metrics["loss"], "gradient norm": metrics["grad_norm"]}
+  bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+  good = [f"{name} {value:.6g}" for name, value in values.items() if math.isfinite(value)]
+  message = f"step {step}: non-finite {' and '.join(bad)}" + \
+            (f" ({', '.join(good)})" if good else "") + "; the update was skipped"
   log.warning(message)
   if policy == "stop":
     raise NonFiniteError(f"{message}; stopping (config.train.non_finite='stop')")
+  if limit and in_a_row >= limit:
+    raise NonFiniteError(f"{message}; {in_a_row} steps in a row were skipped "
+                         f"(config.train.max_skipped_in_a_row={limit}): the run diverged, "
+                         "e.g. a learning rate too high for it")
 
 
 _STEP_METRICS = {"loss", "tokens", "grad_norm", "learning_rate", "skipped"}
@@ -166,8 +176,9 @@ class StepMetrics:
   """Every step's metrics, read one step late; summarised (and timed) per logging window."""
 
   def __init__(self, inverse_peak: float | None, tokens_per_step: int, flops_per_token: float,
-               non_finite: str):
+               non_finite: str, max_skipped_in_a_row: int = 0):
     self._inverse_peak, self._non_finite = inverse_peak, non_finite
+    self._max_skipped_in_a_row, self._skipped_in_a_row = max_skipped_in_a_row, 0
     self._tokens_per_step, self._flops_per_token = tokens_per_step, flops_per_token
     self._pending: tuple[int, dict] | None = None
     self._steps: list[dict[str, float]] = []
@@ -188,9 +199,11 @@ class StepMetrics:
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
     self._steps.append(host)
     self._timed += 1
+    self._skipped_in_a_row = self._skipped_in_a_row + 1 if host["skipped"] else 0
     if host["skipped"]:
       self.skipped_total += 1
-      report_non_finite(step, host, self._non_finite)
+      report_non_finite(step, host, self._non_finite, self._skipped_in_a_row,
+                        self._max_skipped_in_a_row)
 
   def restart_clock(self) -> float:
     """Time only the steps from now on (not compilation, evals, saves); returns the seconds

@@ -1,6 +1,7 @@
 """The one training loop: mesh -> run layout -> state (resumed, init_from or random) -> data
 -> jitted step, with periodic work as hooks (trainers/hooks.py): logging, evaluation,
-samples, checkpoints (also at the end and on SIGTERM), and a task's own (RLHF's rollouts).
+samples, checkpoints (also at the end, on SIGTERM and before an error ends the run), and a
+task's own (RLHF's rollouts).
 
 Trainers differ only by a `Task`; pretraining is `Task("pretrain", "pretrain", lm loss)`.
 The extension points, and what the trainers put there:
@@ -51,6 +52,7 @@ from gemma_jax.train_step import BATCH_KEYS, LossFn, jit_train_step
 from trainers import hooks as hooks_lib
 from trainers import workdir as workdir_lib
 
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What one trainer adds to the loop (see the module docstring)."""
@@ -96,7 +98,7 @@ class Trainer:
     self.recorder = hooks_lib.StepMetrics(
         _inverse_peak_flops(), config.data.batch_size * config.train.seq_len,
         flops.train_flops_per_token(self.model_cfg, config.train.seq_len),
-        config.train.non_finite)
+        config.train.non_finite, config.train.max_skipped_in_a_row)
     self.state: TrainState | None = None
     self.step_count = 0
     # Set by SIGTERM during train(); the loop saves and returns after the current step
@@ -162,9 +164,14 @@ class Trainer:
   def step(self) -> dict[str, jax.Array]:
     """One optimizer step on the next batch (after the hooks' before_step); returns the
     step's metrics (device arrays, and hooks' host floats)."""
-    batch = next(self.data)
-    for hook in self.hooks:
-      batch = hook.before_step(self, batch)
+    position = self.data.get_state()
+    try:
+      batch = next(self.data)
+      for hook in self.hooks:
+        batch = hook.before_step(self, batch)
+    except Exception:
+      self.data.set_state(position)  # a save on the way out pairs the state with its data
+      raise
     self.state, metrics = self._train_step(self.state, {k: batch[k] for k in self.task.batch_keys})
     self.step_count += 1
     return {**metrics, **batch.get("metrics", {})}
@@ -186,7 +193,11 @@ class Trainer:
     try:
       with jax.set_mesh(self.mesh), _on_sigterm(self.stop_requested.set):
         self.writer.info(self._banner(self.init_state()))
-        self._run()
+        try:
+          self._run()
+        except Exception as e:
+          self._save_before_stopping(e)
+          raise
     finally:
       self.checkpoints.wait()
       self.checkpoints.close()
@@ -216,6 +227,25 @@ class Trainer:
         self.writer.info(f"SIGTERM: saved checkpoint step {self.step_count}; exiting")
         self.summary["stopped_by"] = "SIGTERM"
         return
+
+  def _save_before_stopping(self, error: Exception) -> None:
+    """Save the state before `error` ends the run (a bad record, diverged steps, a hook's
+    error), when that is safe: the state was not lost with a failed step, and every process
+    stops with the error (one process alone cannot take part in a save)."""
+    collective = jax.process_count() == 1 or isinstance(error, hooks_lib.NonFiniteError)
+    alive = not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.state)
+                    if isinstance(leaf, jax.Array))
+    if self.state is None or self.step_count == 0 or not (collective and alive):
+      return  # (at step 0 there is no progress to keep)
+    try:
+      self.checkpoints.wait()
+      if self.step_count not in self.checkpoints.steps():
+        self.save()
+        self.checkpoints.wait()
+    except Exception as e:  # noqa: BLE001 -- report the error that ended the run, not this
+      error.add_note(f"(saving checkpoint step {self.step_count} failed too: {e})")
+      return
+    error.add_note(f"(checkpoint step {self.step_count} is saved: rerunning resumes from it)")
 
   def _stopping(self) -> bool:
     """A stop was asked for; with several processes JAX's preemption service makes every

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from gemma_jax import exits
 from gemma_jax.metrics import METRICS_FILE
 
 PLOT_FILE = "loss.png"
@@ -92,7 +93,8 @@ def _plot_task(ax, metrics, keys) -> None:
     right.legend(loc="lower right")
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits.command("trainers.plot")
+def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("workdir")
   parser.add_argument("--out", help=f"PNG file (default: WORKDIR/{PLOT_FILE})")

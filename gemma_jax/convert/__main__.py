@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 
+from gemma_jax import exits
 from gemma_jax.config import preset_names
 from gemma_jax.convert import FORMATS, export_hf, import_checkpoint
 
@@ -50,7 +51,8 @@ def _show_progress(log: logging.Logger) -> None:
   log.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits.command("gemma_jax.convert")
+def main(argv: list[str]) -> int:
   args = parse_args(argv)
   _show_progress(logging.getLogger("gemma_jax.convert"))
   fmt, src = args.source

@@ -136,7 +136,7 @@ def read_gguf(path: str | os.PathLike, preset: str | None = None,
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: GGUF file not found")
-  reader = gguf.GGUFReader(path)
+  reader = open_gguf(path)
   meta, source = Metadata(reader.fields, str(path)), GGUFSource(reader.tensors, str(path))
   del reader
   embed = "token_embd.weight"
@@ -148,3 +148,48 @@ def read_gguf(path: str | os.PathLike, preset: str | None = None,
   cfg = configs.choose(found, preset, str(path)).replace(param_dtype=param_dtype)
   rules = torch_layout.rules(cfg, torch_layout.gguf_names(cfg), norm_offset=1.0)
   return cfg, gather(cfg, rules, source), tokenizer
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+  """A reader of GGUF file `path`, after checking what the gguf package assumes: the magic,
+  a version it reads, metadata that parses and tensors that lie inside the file. Each failure
+  is a ValueError naming the file and what is wrong."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+  if len(head) < 8 or head[:4] != b"GGUF":
+    raise ValueError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+  version = int.from_bytes(head[4:], "little")
+  supported = gguf.gguf_reader.READER_SUPPORTED_VERSIONS
+  if version not in supported:
+    raise ValueError(f"{path}: GGUF version {version}; the gguf package reads versions "
+                     f"{list(supported)}")
+  try:
+    return _CheckedReader(path)
+  except _Truncated as e:
+    raise ValueError(f"{path}: truncated or damaged: {e}") from None
+  except Exception as e:  # noqa: BLE001 -- the reader's struct/numpy errors on damaged metadata
+    raise ValueError(f"{path}: damaged GGUF metadata or tensor table ({type(e).__name__}: "
+                     f"{e})") from None
+
+
+class _Truncated(ValueError):
+  pass
+
+
+class _CheckedReader(gguf.GGUFReader):
+  """GGUFReader that checks every tensor's extent before mapping it (the package would fail
+  with a reshape error that names neither the tensor nor the file)."""
+
+  def _build_tensors(self, start_offs: int, fields: list) -> None:
+    size = len(self.data)
+    for field in fields:
+      _, name, _, dims, raw_type, offset = field.parts
+      kind = gguf.GGMLQuantizationType(int(raw_type[0]))
+      block, type_size = gguf.GGML_QUANT_SIZES[kind]
+      start = int(start_offs + offset[0])
+      end = start + int(np.prod(dims)) * type_size // block
+      if end > size:
+        raise _Truncated(f"tensor {bytes(name).decode(errors='replace')!r} "
+                         f"({kind.name} {tuple(int(d) for d in reversed(dims))}) needs bytes "
+                         f"{start:,} to {end:,}, but the file has {size:,}")
+    super()._build_tensors(start_offs, fields)

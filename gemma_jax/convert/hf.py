@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from gemma_jax.checkpoint import read_json
 from gemma_jax.config import ModelConfig
 from gemma_jax.convert import configs, torch_layout
 from gemma_jax.convert.layout import gather
@@ -218,7 +219,7 @@ def read_hf(directory: str | os.PathLike, preset: str | None = None,
   config_path = directory / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path}: not found; is {directory} an HF model directory?")
-  found = config_from_hf(json.loads(config_path.read_text()), directory.name, str(config_path))
+  found = config_from_hf(read_json(config_path), directory.name, str(config_path))
   cfg = configs.choose(found, preset, str(directory)).replace(param_dtype=param_dtype)
   source = SafetensorsSource(directory)
   names = torch_layout.hf_names(cfg)

@@ -86,7 +86,11 @@ def load_flat(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"{path}: not an orbax checkpoint directory")
-  tree = ocp.PyTreeCheckpointer().restore(path)
+  try:
+    tree = ocp.PyTreeCheckpointer().restore(path)
+  except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many kinds
+    raise ValueError(f"{path}: not a readable orbax checkpoint (the official Flax format): "
+                     f"{type(e).__name__}: {e}") from e
   flat: dict[str, np.ndarray] = {}
 
   def walk(node, prefix: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from gemma_jax import exits
 from gemma_jax.data.config import KINDS, infer_kind
 from gemma_jax.data.sources import Bad, TextFileSource, parse
 
@@ -52,7 +53,8 @@ def convert(paths: Sequence[str], output: str, kind: str = "auto") -> int:
   return count
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@exits.command("gemma_jax.data.to_array_record")
+def main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("inputs", nargs="+")
   parser.add_argument("--output", required=True)
@@ -61,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     count = convert(args.inputs, args.output, args.kind)
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    print(f"error: {exits.describe(e)}", file=sys.stderr)
+    return exits.EXIT_ERROR
   print(f"wrote {count} records to {args.output}")
   return 0
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gemma_jax import exits
 from gemma_jax.model_dir import merge_lora_run
 
 
-def main(argv: list[str] | None = None) -> int:
+@exits.command("gemma_jax.lora")
+def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m gemma_jax.lora",
                                    description="LoRA adapters: merge into the base model.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -25,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     out = merge_lora_run(args.base, args.adapters, args.out, args.step, args.overwrite)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise exits.UsageError(exits.describe(e)) from e  # a flag's directory at fault
   print(f"merged model written to {out}")
   return 0
 
