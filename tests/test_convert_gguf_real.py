@@ -81,6 +81,17 @@ def test_tokenizer_matches_hf_on_code_whitespace_and_scripts(converted, hf_token
   assert sum(len(_PAST_LONGEST_RUN.findall(t)) > 0 for t in corpus) < len(corpus) // 50
 
 
+def test_chat_template_keeps_indentation(converted, hf_tokenizer):
+  _, _, tokenizer = converted
+  code = "def f(x):\n    if x:\n        return  x\n\n\tpass  "
+  messages = [{"role": "user", "content": code}, {"role": "model", "content": "  ok\n"},
+              {"role": "user", "content": "| a  | b |\n|----|---|"}]
+  text = (f"<bos><start_of_turn>user\n{code}<end_of_turn>\n<start_of_turn>model\n  ok\n"
+          "<end_of_turn>\n<start_of_turn>user\n| a  | b |\n|----|---|<end_of_turn>\n"
+          "<start_of_turn>model\n")
+  assert tokenizer.encode_chat(messages) == hf_ids(hf_tokenizer, text)
+
+
 def test_runs_past_the_longest_piece_split_as_sentencepiece_does(converted, hf_tokenizer):
   _, _, tokenizer = converted
   piece = lambda n, char=" ": tokenizer.encode(char * n)
