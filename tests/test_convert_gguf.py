@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+from test_convert import params_of, tiny
 
-from gemma_jax.model_dir import load_model_dir
 from gemma_jax.convert import gguf_file, import_checkpoint, torch_layout
 from gemma_jax.convert.configs import architecture
 from gemma_jax.convert.layout import scatter
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
-from test_convert import params_of, tiny
 
 CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
 ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
@@ -25,6 +25,12 @@ ARCH = {1: "gemma", 2: "gemma2", 3: "gemma3"}
 def spm_model(tmp_path_factory) -> bytes:
   """A 512-piece Gemma-layout SentencePiece model (<start_of_turn>, <end_of_turn> at 4, 5)."""
   return train_sentencepiece(CORPUS, tmp_path_factory.mktemp("spm") / "t", 512).read_bytes()
+
+
+def llama_cpp_spelling(piece) -> str:
+  """llama.cpp writes user-defined pieces with raw spaces ("pre-normalized"), others as they are."""
+  user_defined = piece.type == spm_pb2.ModelProto.SentencePiece.USER_DEFINED
+  return piece.piece.replace("\u2581", " ") if user_defined else piece.piece
 
 
 def write_gguf(path, cfg, model, spm: bytes, qtypes=None, drop=(), arch=None) -> Path:
@@ -51,7 +57,7 @@ def write_gguf(path, cfg, model, spm: bytes, qtypes=None, drop=(), arch=None) ->
     w.add_rope_scaling_factor(cfg.rope_scale_global)
   proto = spm_pb2.ModelProto.FromString(spm)
   w.add_tokenizer_model("llama")
-  w.add_token_list([p.piece for p in proto.pieces])
+  w.add_token_list([llama_cpp_spelling(p) for p in proto.pieces])
   w.add_token_scores([p.score for p in proto.pieces])
   w.add_token_types([int(p.type) for p in proto.pieces])
   w.add_bos_token_id(2)
@@ -75,7 +81,7 @@ def write_gguf(path, cfg, model, spm: bytes, qtypes=None, drop=(), arch=None) ->
 
 @pytest.mark.parametrize("name", ["tiny_gemma1", "tiny_gemma2", "tiny_gemma3"])
 def test_gguf_gives_the_model(tmp_path, spm_model, name):
-  overrides = dict(query_pre_attn_scalar=16) if name == "tiny_gemma3" else {}  # not in GGUF
+  overrides = {"query_pre_attn_scalar": 16} if name == "tiny_gemma3" else {}  # not in GGUF
   cfg, model = tiny(name, **overrides)
   path = write_gguf(tmp_path / "m.gguf", cfg, model, spm_model)
   cfg2, out = import_checkpoint("gguf", path, tmp_path / "out")
@@ -119,6 +125,32 @@ def test_rebuilt_tokenizer_encodes_like_the_original(tmp_path, spm_model):
     assert ours.decode(ours.encode(text)) == text
   assert ours.encode("<start_of_turn>") == [ours.start_of_turn_id] == [4]
   assert (ours.pad_id, ours.eos_id, ours.bos_id, ours.unk_id) == (0, 1, 2, 3)
+
+
+def with_whitespace_pieces(spm: bytes) -> bytes:
+  """The model with its last pieces replaced by Gemma-style user-defined ones (runs of 2-8
+  spaces, of tabs, an HTML tag), so the vocabulary keeps the model's size."""
+  proto = spm_pb2.ModelProto.FromString(spm)
+  runs = ["\u2581" * n for n in range(2, 9)] + ["\t" * n for n in range(2, 5)] + ["<div>"]
+  for slot, piece in zip(proto.pieces[-len(runs):], runs):
+    slot.piece, slot.score, slot.type = piece, 0.0, spm_pb2.ModelProto.SentencePiece.USER_DEFINED
+  return proto.SerializeToString()
+
+
+def test_user_defined_whitespace_pieces_survive_the_gguf(tmp_path, spm_model):
+  """The GGUF spells the run pieces with raw spaces; the rebuilt model must still use them."""
+  spm = with_whitespace_pieces(spm_model)
+  cfg, model = tiny("tiny_gemma3")
+  _, out = import_checkpoint("gguf", write_gguf(tmp_path / "m.gguf", cfg, model, spm),
+                             tmp_path / "out")
+  ours, original = Tokenizer(out / "tokenizer.model"), Tokenizer(spm)
+  texts = ["def f(x):\n    if x:\n        return x\n  pass", "a  b   c", "\t\tx = 1",
+           "<div>  <div>", "  ", "x" + " " * 11 + "y", "<start_of_turn>user\n    hi<end_of_turn>"]
+  for text in texts:
+    assert ours.encode(text) == original.encode(text), text
+    assert ours.decode(ours.encode(text)) == text
+  four_spaces = original.encode("    ")
+  assert len(four_spaces) == 1 and four_spaces[0] in ours.encode("\n    return")
 
 
 def test_missing_tensor_is_named(tmp_path, spm_model):

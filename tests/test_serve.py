@@ -2,8 +2,10 @@
 
 import concurrent.futures
 import contextlib
+import http.client
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
 TIMEOUT = 60
 # Prompts of 9-16 tokens and budgets up to 8 share one compiled shape (see sampler.bucket).
 LONG_PROMPT = "The baker kneads the dough"
+BODY_LIMIT = 8192  # the test server's max_body_bytes
 SEED_BODY = {"input_data": {"input_string": ["how does brain work?"], "parameters": {
     "temperature": 0.5, "top_p": 0.5, "max_new_tokens": 100, "do_sample": True}}}
 
@@ -63,7 +66,7 @@ def serving(app, engine):
 @pytest.fixture(scope="module")
 def server(model_dir):
   app, engine = build_app(str(model_dir), max_batch=16, batch_wait_ms=50,
-                          max_new_tokens_limit=200)
+                          max_new_tokens_limit=200, max_body_bytes=BODY_LIMIT)
   with serving(app, engine) as url:
     yield url, engine
 
@@ -197,10 +200,87 @@ def test_bad_requests_name_the_field(server, route, body, param):
   assert error["error"]["param"] == param and error["error"]["message"].startswith(param)
 
 
-def test_malformed_json_is_a_400(server):
+@pytest.mark.parametrize("raw", [b"{not json", b'{"input_data": {\n  "input_string": ["a",]}}',
+                                 b'{"input_data": {}}\n\n  x'])
+def test_malformed_json_names_line_and_column(server, raw):
   url, _ = server
-  status, error = request(f"{url}/score", raw=b"{not json")
+  with pytest.raises(json.JSONDecodeError) as want:
+    json.loads(raw)
+  status, error = request(f"{url}/score", raw=raw)
   assert status == 400 and error["error"]["type"] == "invalid_request_error"
+  assert error["error"]["param"] == "body"
+  assert error["error"]["message"] == (f"body: invalid JSON at line {want.value.lineno} column "
+                                       f"{want.value.colno}: {want.value.msg}")
+
+
+def exchange(url: str, head: dict[str, str], body: bytes = b"") -> tuple[int, dict, dict]:
+  """(status, headers, JSON) of a POST /score whose head and body bytes are sent as given.
+
+  Nothing more is sent, so a chunked body without its final chunk never ends: an answer to it
+  was given without reading it whole.
+  """
+  host, port = url.removeprefix("http://").split(":")
+  with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+    lines = ["POST /score HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+             *(f"{k}: {v}" for k, v in head.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, dict(response.headers), json.loads(response.read())
+
+
+def chunked(data: bytes, size: int = 1000, final: bool = True) -> bytes:
+  """data in HTTP/1.1 chunks of `size` bytes, with or without the closing empty chunk."""
+  pieces = [data[i:i + size] for i in range(0, len(data), size)]
+  return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + (b"0\r\n\r\n" if final
+                                                                      else b"")
+
+
+def padded(size: int) -> bytes:
+  """A JSON body of exactly `size` bytes that fails validation fast (no input_string)."""
+  body = b'{"input_data": {}}'
+  return body + b" " * (size - len(body))
+
+
+def assert_too_large(status, headers, error):
+  assert status == 413, error
+  assert error == {"error": {"message": f"body: larger than the server's limit of {BODY_LIMIT} "
+                             "bytes", "type": "invalid_request_error", "param": "body"}}
+  assert headers["connection"] == "close"
+
+
+def test_declared_body_over_the_limit_gets_413_before_it_is_sent(server):
+  url, _ = server
+  assert_too_large(*exchange(url, {"Content-Length": str(20 * 2**20)}))  # no body byte sent
+  assert_too_large(*exchange(url, {"Content-Length": str(BODY_LIMIT + 1)}))
+  status, _, error = exchange(url, {"Content-Length": str(BODY_LIMIT)}, padded(BODY_LIMIT))
+  assert status == 400 and error["error"]["param"] == "input_data.input_string"
+
+
+def test_chunked_body_over_the_limit_gets_413_unread(server):
+  url, _ = server
+  head = {"Transfer-Encoding": "chunked"}
+  over = b"[" + b" " * (2 * BODY_LIMIT)  # would be invalid JSON, were it ever parsed
+  assert_too_large(*exchange(url, head, chunked(over[:BODY_LIMIT + 1], final=False)))
+  status, _, error = exchange(url, head, chunked(padded(BODY_LIMIT)))
+  assert status == 400 and error["error"]["param"] == "input_data.input_string"
+
+
+@pytest.mark.parametrize("method,route,status,message", [
+    ("GET", "/nowhere", 404, "no route GET /nowhere"),
+    ("POST", "/v1/nowhere", 404, "no route POST /v1/nowhere"),
+    ("GET", "/score", 405, "GET /score: method not allowed (allowed: POST)"),
+    ("POST", "/health", 405, "POST /health: method not allowed (allowed: GET)"),
+])
+def test_unknown_route_and_method_use_the_error_shape(server, method, route, status, message):
+  url, _ = server
+  req = urllib.request.Request(f"{url}{route}", method=method,
+                               data=b"{}" if method == "POST" else None)
+  with pytest.raises(urllib.error.HTTPError) as answer:
+    urllib.request.urlopen(req, timeout=TIMEOUT)
+  assert answer.value.code == status
+  assert json.loads(answer.value.read()) == {"error": {
+      "message": message, "type": "invalid_request_error", "param": None}}
 
 
 def test_16_concurrent_clients_are_batched_and_answered(server):
@@ -275,7 +355,8 @@ def test_full_queue_gets_503(server):
 def test_serve_command_binds_loopback_by_default(model_dir):
   """`python -m gemma_jax.serve` on a model directory: 127.0.0.1, answers /health."""
   proc = subprocess.Popen([sys.executable, "-m", "gemma_jax.serve", "--checkpoint",
-                           str(model_dir), "--port", "0"], stderr=subprocess.PIPE, text=True)
+                           str(model_dir), "--port", "0", "--max_body_bytes", "100"],
+                          stderr=subprocess.PIPE, text=True)
   lines = []
   threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
   try:
@@ -286,6 +367,8 @@ def test_serve_command_binds_loopback_by_default(model_dir):
     assert match[1] == "127.0.0.1"
     status, body = request(f"http://127.0.0.1:{match[2]}/health")
     assert status == 200 and body["status"] == "ok"
+    status, error = request(f"http://127.0.0.1:{match[2]}/score", raw=b" " * 101)
+    assert status == 413 and error["error"]["param"] == "body"
   finally:
     proc.terminate()
     proc.wait(TIMEOUT)

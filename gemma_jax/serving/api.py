@@ -1,8 +1,10 @@
 """FastAPI routes: the seed `/score` format, OpenAI-style completions and chat, health.
 
 Every error is JSON `{"error": {"message", "type", "param"}}` where `param` names the bad
-field as a dotted path (e.g. `input_data.parameters.top_p`): 400 for a bad request, 503
-(with Retry-After) when the queue is full, 500 if generation itself fails.
+field as a dotted path (e.g. `input_data.parameters.top_p`): 400 for a bad request (invalid
+JSON names its line and column), 404 and 405 for an unknown route or method, 413 for a body
+over `max_body_bytes`, 503 (with Retry-After) when the queue is full, 500 if generation itself
+fails.
 
 POST /score takes `{"input_data": {"input_string": [...], "parameters": {...}}}` and returns
 `{"output": [prompt + continuation, ...], "details": [{"generated_text", "finish_reason",
@@ -23,9 +25,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 from gemma_jax.sampler import Completion, Delta, SamplingParams
 from gemma_jax.serving.engine import Engine, Job, QueueFull
+
+# Ample for a batch of long prompts; a body is parsed and tokenized whole, so it is bounded.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
 class BadRequest(Exception):
@@ -177,10 +186,12 @@ class Generation:
     return done
 
 
-def create_app(engine: Engine, *, model_name: str, max_new_tokens_limit: int) -> FastAPI:
+def create_app(engine: Engine, *, model_name: str, max_new_tokens_limit: int,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
   """The app serving `engine`'s sampler (which must have a tokenizer)."""
   gen = Generation(engine, max_new_tokens_limit)
   app = FastAPI(title="gemma-jax", version="0.1.0")
+  app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
   _add_error_handlers(app)
 
   @app.get("/health")
@@ -234,13 +245,71 @@ def create_app(engine: Engine, *, model_name: str, max_new_tokens_limit: int) ->
   return app
 
 
+class BodyLimit:
+  """ASGI middleware: a request body over max_bytes gets a 413 and never reaches the app.
+
+  A Content-Length over the limit is refused before any of the body is read; a body without
+  one (chunked) is read only until it passes the limit. A body within the limit is read here
+  (the route would read it whole to parse it anyway) and replayed to the app.
+  """
+
+  def __init__(self, app: ASGIApp, max_bytes: int):
+    self.app, self.max_bytes = app, max_bytes
+
+  async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    declared = Headers(scope=scope).get("content-length", "")
+    refused = declared.isdigit() and int(declared) > self.max_bytes
+    messages = None if refused else await self.read(receive)
+    if messages is None:
+      too_large = _error(413, "invalid_request_error",
+                         f"body: larger than the server's limit of {self.max_bytes} bytes",
+                         "body", {"Connection": "close"})  # the unread rest is not wanted
+      return await too_large(scope, receive, send)
+    pending = iter(messages)
+
+    async def replay() -> AsgiMessage:
+      return next(pending, None) or await receive()
+
+    await self.app(scope, replay, send)
+
+  async def read(self, receive: Receive) -> list[AsgiMessage] | None:
+    """The body's messages, or None as soon as their bytes pass the limit."""
+    messages, size = [], 0
+    while True:
+      message = await receive()
+      messages.append(message)
+      if message["type"] != "http.request":  # the client went away
+        return messages
+      size += len(message.get("body", b""))
+      if size > self.max_bytes:
+        return None
+      if not message.get("more_body", False):
+        return messages
+
+
 def _add_error_handlers(app: FastAPI) -> None:
 
   @app.exception_handler(RequestValidationError)
   async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     error = exc.errors()[0]
+    if error["type"] == "json_invalid":
+      line, column = _line_column(exc.body, error["loc"][-1])
+      return _error(400, "invalid_request_error", f"body: invalid JSON at line {line} column "
+                    f"{column}: {error['ctx']['error']}", "body")
     param = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
     return _error(400, "invalid_request_error", f"{param}: {error['msg']}", param)
+
+  @app.exception_handler(HTTPException)
+  async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Routing's own errors (404, 405, ...) in the same shape as every other error."""
+    route = f"{request.method} {request.url.path}"
+    message = {404: f"no route {route}",
+               405: f"{route}: method not allowed (allowed: {(exc.headers or {}).get('Allow')})"
+               }.get(exc.status_code, f"{route}: {exc.detail}")
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return _error(exc.status_code, kind, message, None, exc.headers)
 
   @app.exception_handler(BadRequest)
   async def bad(_: Request, exc: BadRequest) -> JSONResponse:
@@ -254,6 +323,11 @@ def _add_error_handlers(app: FastAPI) -> None:
   @app.exception_handler(Exception)
   async def failed(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, "server_error", f"generation failed: {exc}", None)
+
+
+def _line_column(doc: str, offset: int) -> tuple[int, int]:
+  """The 1-based line and column of a character offset in doc, as json counts them."""
+  return doc.count("\n", 0, offset) + 1, offset - doc.rfind("\n", 0, offset)
 
 
 def _head(prefix: str, kind: str, model_name: str) -> dict:
@@ -288,7 +362,7 @@ def _sse(deltas: AsyncIterator[Delta], chunk) -> StreamingResponse:
     try:
       async for delta in deltas:
         yield f"data: {json.dumps(chunk(delta))}\n\n"
-    except Exception as e:  # headers are sent: report in-band
+    except Exception as e:  # noqa: BLE001 -- headers are sent: report any failure in-band
       yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
     yield "data: [DONE]\n\n"
 
