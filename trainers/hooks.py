@@ -46,6 +46,10 @@ class Hook:
   def before_step(self, trainer: Trainer, batch: dict) -> dict:
     return batch
 
+  def before_eval(self, trainer: Trainer, batch: dict) -> dict:
+    """An evaluation batch, completed like before_step's (DPO: the reference log-probs)."""
+    return batch
+
   def run(self, trainer: Trainer) -> None:
     pass
 
@@ -91,14 +95,20 @@ class Evaluate(Hook):
     self.step = jit_eval_step(trainer.layout, trainer.loss_fn, self.keys)
 
   def run(self, trainer: Trainer) -> None:
-    trainer.report(self.evaluate(trainer.state.model_params()))
+    def prepare(batch):
+      for hook in trainer.hooks:
+        batch = hook.before_eval(trainer, batch)
+      return batch
 
-  def evaluate(self, params: dict) -> dict[str, float]:
+    trainer.report(self.evaluate(trainer.state.model_params(), prepare))
+
+  def evaluate(self, params: dict, prepare: Callable[[dict], dict] = lambda batch: batch
+               ) -> dict[str, float]:
     self.data.set_state(self.start)
     total = weight = 0.0
     extras: dict[str, float] = {}
     for _ in range(self.batches):
-      batch = next(self.data)
+      batch = prepare(next(self.data))
       s, w, e = self.step(params, {k: batch[k] for k in self.keys})
       total, weight = total + s, weight + w
       extras = {k: extras.get(k, 0.0) + float(v) for k, v in e.items()}

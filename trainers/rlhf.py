@@ -51,6 +51,7 @@ from gemma_jax.sampler import Completion, Sampler, SamplingParams
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.train_step import LossFn
 from trainers import cli, hooks, loop
+from trainers.reference import Reference
 
 ROLLOUTS_FILE = "rollouts.jsonl"  # a few completions per log step (not config.samples)
 
@@ -132,19 +133,14 @@ class Rollouts(hooks.Hook):
     if r.reward_model:
       self._load_reward_model(r.reward_model)
     self.samples_path = trainer.workdir / ROLLOUTS_FILE
-    self._reference: dict | None = None
+    self._reference = Reference()
     self._sampler: Sampler | None = None
     self._learner_tokens = 0.0
     self._learner_start: float | None = None
 
   def reference(self, trainer: loop.Trainer) -> dict:
-    """The reference policy's whole parameter dict: the run's initial trainable params on the
-    current state's frozen part (a LoRA base: the train step donates the state, so an old
-    reference to it would be dead)."""
-    if self._reference is None:
-      self._reference = trainer.layout.initial("params", trainer.config.train.seed,
-                                               trainer.base_params())
-    return trainer.state.replace(params=self._reference).model_params()
+    """The reference policy's whole parameter dict (trainers/reference.py)."""
+    return self._reference.params(trainer)
 
   def _load_reward_model(self, workdir: str) -> None:
     _, model, tokenizer = load_reward_model(workdir, self.layout.mesh)
