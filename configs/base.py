@@ -124,7 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
       updates_per_rollout=1,  # passes over each rollout's completions ...
       minibatches=1,        # ... each in this many optimizer steps (one loop step each)
       clip_eps=0.2,         # ratio clipped to [1 - clip_eps, 1 + clip_eps]; 0 = no clipping
-      kl="loss",            # beta weighs a k3 KL loss term ("loss") or shapes R ("reward")
+      kl="reward",          # beta shapes R ("reward") or weighs a k3 KL loss term ("loss")
       normalisation="token"))  # "token" mean or "sequence" mean of the token losses
   # python -m trainers.dpo (gemma_jax/dpo.py): the reference is the starting policy.
   c.dpo = ml_collections.ConfigDict({

@@ -83,9 +83,13 @@ def grpo_loss(model, batch: dict, rng, *, clip_eps: float | None, beta: float,
   clip_fraction, ratio, kl_k3."""
   mask, advantages = batch["completion_mask"], batch["loss_weights"]
 
+  on = mask > 0  # elsewhere (prompt, padding) the log-probs are of no completion: zero them,
+  # so that no exp overflows there (inf * 0 would be NaN)
+  old, ref = (jnp.where(on, batch[k], 0.0) for k in ("old_logprobs", "ref_logprobs"))
+
   def objective(logp):
-    losses, metrics = token_losses(logp, batch["old_logprobs"], advantages,
-                                   batch["ref_logprobs"], clip_eps=clip_eps, beta=beta)
+    losses, metrics = token_losses(jnp.where(on, logp, 0.0), old, advantages, ref,
+                                   clip_eps=clip_eps, beta=beta)
     total, weight = normalise(losses, mask, normalisation)
     extras = {k: normalise(v, mask, normalisation)[0] for k, v in metrics.items()}
     return total, (weight, extras)
