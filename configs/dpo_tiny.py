@@ -15,7 +15,8 @@ from configs import reward_tiny, tiny
 
 def get_config():
   c = tiny.tiny_base()
-  train, held_out = (str(reward_tiny.DATA / f"reward_pairs_{s}.jsonl") for s in ("train", "heldout"))
+  train, held_out = (str(reward_tiny.DATA / f"reward_pairs_{split}.jsonl")
+                     for split in ("train", "heldout"))
   c.data.update(format="preference", packing="first_fit", sources=({"path": train},))
   c.train.update(steps=40, global_batch_size=8, seq_len=64)
   c.optimizer.update(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0)

@@ -55,7 +55,8 @@ class ReferenceLogprobs(hooks.Hook):
 
   def __init__(self, trainer: loop.Trainer):
     self.reference = Reference()
-    self.logprobs = jit_token_logprobs(trainer.layout.graphdef, trainer.config.train.loss_chunk_size)
+    self.logprobs = jit_token_logprobs(trainer.layout.graphdef,
+                                       trainer.config.train.loss_chunk_size)
 
   def before_step(self, trainer: loop.Trainer, batch: dict) -> dict:
     params = self.reference.params(trainer)
