@@ -14,6 +14,9 @@ Each step (the rollout hook's before_step, then the ordinary jitted train step):
      give the token log-probs for the KL (and the entropy); R = r - beta * KL; RLOO
      advantages (gemma_jax/rl.py);
   4. the train step minimises -mean_i A_i * sum_t log pi(y_i,t) (rl.rloo_loss).
+With rlhf.algorithm="grpo" (gemma_jax/grpo.py) the advantages are group-normalised, the loss
+is the clipped ratio against the behaviour policy (+ beta k3 with rlhf.kl="loss"), and a
+rollout feeds updates_per_rollout x minibatches steps (trainers/rollout_cycle.py).
 The reference is the policy the run started from (config.init_from, else the seeded random
 init; with LoRA the initial adapters, which add exactly nothing, on the shared frozen base),
 rebuilt the same way on resume. Metrics: reward mean/std, KL, completion length,
