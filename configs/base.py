@@ -2,8 +2,8 @@
 from `get_config()` and override values; the config is locked, so a misspelt key fails.
 
 Sections: model, mesh, sharding, train, optimizer, data, tokenizer, eval, checkpoint, logging,
-init_from, lora, samples, reward, rlhf and dpo (the last three read only by those trainers). Every
-ModelConfig field can be overridden under `model` (None = the preset's value), e.g.
+init_from, lora, samples, reward, rlhf and dpo (the last three read only by those trainers).
+Every ModelConfig field can be overridden under `model` (None = the preset's value), e.g.
 `--config.model.remat_policy=full`. `data.seq_len` and `data.batch_size` are linked to
 `train.seq_len` and `train.global_batch_size`: setting either side sets both.
 `validate(config, num_devices)` checks values and combinations, naming the key at fault.

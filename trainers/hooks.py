@@ -4,8 +4,9 @@ A hook's `run(trainer)` is called at the steps where it is due: every `every` st
 never) and at the last step, and with `on_stop` also at the step where a stop request
 (SIGTERM, preemption) ends the run. `before_step(trainer, batch)` sees every batch before the
 step trains on it and returns the batch to train on (RLHF's rollouts); a "metrics" entry of
-host floats joins the step's metrics. Hooks run in list order: the task's own, then logging,
-evaluation, samples and checkpointing. `StepMetrics` reads every step's metrics one step
+host floats joins the step's metrics; `before_eval(trainer, batch)` completes evaluation
+batches likewise (DPO's reference log-probs). Hooks run in list order: the task's own, then
+logging, evaluation, samples and checkpointing. `StepMetrics` reads every step's metrics one step
 late, so that the host never waits for the device in between.
 """
 
