@@ -1,5 +1,6 @@
-"""Every trainer (DPO and GRPO too) and the sampler as 2 emulated hosts: launch.local runs 2 processes x 4 CPU
-devices (gloo collectives), compared with 1 process x 8 devices (this pytest process).
+"""Every trainer (DPO and GRPO too) and the sampler as 2 emulated hosts: launch.local runs
+2 processes x 4 CPU devices (gloo collectives), compared with 1 process x 8 devices (this
+pytest process).
 
 Data: the rl format has one prompt per row, and the sft / reward runs use packing "none"
 with truncation, so both layouts see the same records in every global batch (each process
