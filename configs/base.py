@@ -2,8 +2,8 @@
 from `get_config()` and override values; the config is locked, so a misspelt key fails.
 
 Sections: model, mesh, sharding, train, optimizer, data, tokenizer, eval, checkpoint, logging,
-init_from, lora, samples, reward and rlhf (the last two read only by those trainers). Every
-ModelConfig field can be overridden under `model` (None = the preset's value), e.g.
+init_from, lora, samples, reward, rlhf and dpo (the last three read only by those trainers).
+Every ModelConfig field can be overridden under `model` (None = the preset's value), e.g.
 `--config.model.remat_policy=full`. `data.seq_len` and `data.batch_size` are linked to
 `train.seq_len` and `train.global_batch_size`: setting either side sets both.
 `validate(config, num_devices)` checks values and combinations, naming the key at fault.
@@ -118,7 +118,19 @@ def get_config() -> ml_collections.ConfigDict:
       truncated="keep",     # completions that hit max_new_tokens: keep | zero | penalty
       truncated_penalty=1.0,  # subtracted from their score with truncated="penalty"
       whiten_advantages=False,
-      samples_logged=4))    # completions printed and written to rollouts.jsonl per log step
+      samples_logged=4,     # completions printed and written to rollouts.jsonl per log step
+      # "rloo" | "grpo" (gemma_jax/grpo.py): group-normalised advantages, a clipped ratio
+      # against the behaviour policy, several updates per rollout. GRPO only:
+      algorithm="rloo",
+      updates_per_rollout=1,  # passes over each rollout's completions ...
+      minibatches=1,        # ... each in this many optimizer steps (one loop step each)
+      clip_eps=0.2,         # ratio clipped to [1 - clip_eps, 1 + clip_eps]; 0 = no clipping
+      kl="reward",          # beta shapes R ("reward") or weighs a k3 KL loss term ("loss")
+      normalisation="token"))  # "token" mean or "sequence" mean of the token losses
+  # python -m trainers.dpo (gemma_jax/dpo.py): the reference is the starting policy.
+  c.dpo = ml_collections.ConfigDict({
+      "beta": 0.1, "label_smoothing": 0.0,
+      "loss": "sigmoid"})   # "sigmoid" (DPO; label_smoothing > 0: conservative DPO) | "ipo"
   c.lock()
   return c
 

@@ -21,9 +21,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gemma_jax import grpo
 from gemma_jax.losses import token_cross_entropy, token_logprobs
 
 TRUNCATED_MODES = ("keep", "zero", "penalty")
+ALGORITHMS = ("rloo", "grpo")  # config.rlhf.algorithm: the advantage estimator and the loss
 
 
 def sequence_kl(logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array) -> jax.Array:
@@ -105,15 +107,21 @@ def rloo_loss(model, batch: dict, rng, *, chunk_size: int = 4096):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "beta", "clip", "truncated_mode",
-                                             "truncated_penalty", "whiten_advantages"))
+                                             "truncated_penalty", "whiten_advantages",
+                                             "algorithm"))
 def advantages_from(scores, logprobs, ref_logprobs, mask, truncated, *, k: int, beta: float,
                     clip: float, truncated_mode: str, truncated_penalty: float,
-                    whiten_advantages: bool) -> dict[str, jax.Array]:
-  """Everything a step needs from the scores and token log-probs: kl, R and A, all [N]."""
+                    whiten_advantages: bool, algorithm: str = "rloo") -> dict[str, jax.Array]:
+  """Everything a step needs from the scores and token log-probs: kl, R and A, all [N].
+  algorithm "rloo": leave-one-out advantages; "grpo": group-normalised ones
+  (gemma_jax/grpo.py). beta 0 leaves the KL out of R (GRPO with the KL as a loss term)."""
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
   kl = sequence_kl(logprobs, ref_logprobs, mask)
   rewards = shape_rewards(scores, kl, truncated, beta=beta, clip=clip,
                           truncated_mode=truncated_mode, truncated_penalty=truncated_penalty)
-  advantages = rloo_advantages(rewards, k)
+  advantages = (rloo_advantages(rewards, k) if algorithm == "rloo"
+                else grpo.group_advantages(rewards, k))
   if whiten_advantages:
     advantages = whiten(advantages)
   return {"kl": kl, "rewards": rewards, "advantages": advantages}

@@ -2,7 +2,7 @@
 topology, without a TPU, and read what the compiled program does.
 
   python -m launch.aot --config configs/gemma_7b.py --topology v5e:16x16 [--config.x=y ...]
-      [--task pretrain|sft|reward|rlhf] [--decode] [--audit]
+      [--task pretrain|sft|reward|rlhf|dpo] [--decode] [--audit]
 
 libtpu's topology description gives the devices; XLA compiles the sharded step for them and
 reports per-chip memory. The compiled HLO is read by launch.hlo: FLOPs and collectives with
@@ -39,16 +39,19 @@ from gemma_jax.train_state import ModelRecipe, RunLayout  # noqa: E402
 from gemma_jax.train_step import jit_train_step  # noqa: E402
 from launch import audit as audit_lib  # noqa: E402
 from launch import hlo  # noqa: E402
-from trainers import pretrain, reward, rlhf, sft  # noqa: E402
+from trainers import dpo, pretrain, reward, rlhf, sft  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU topology, e.g. v5e:16x16")
-_TASK = flags.DEFINE_enum("task", "pretrain", ["pretrain", "sft", "reward", "rlhf"],
+_TASK = flags.DEFINE_enum("task", "pretrain", ["pretrain", "sft", "reward", "rlhf", "dpo"],
                           "whose train step: its loss, model and batch")
 _DECODE = flags.DEFINE_bool("decode", False, "compile one decode step of the sampler instead")
 _AUDIT = flags.DEFINE_bool("audit", False, "print every collective and check ZeRO-3's totals")
 
-TASKS = {"pretrain": pretrain.TASK, "sft": sft.TASK, "reward": reward.TASK, "rlhf": rlhf.TASK}
+TASKS = {"pretrain": pretrain.TASK, "sft": sft.TASK, "reward": reward.TASK, "rlhf": rlhf.TASK,
+         "dpo": dpo.TASK}
+# Float batch entries (weights, masks, log-probs); the others are int32 token-shaped.
+_FLOAT_KEYS = ("loss_weights", "mask", "logprobs")
 # ICI bytes/s per chip, by the device_kind libtpu reports (peak FLOP/s: gemma_jax.metrics).
 ICI_BYTES_PER_S = {"TPU v5 lite": 200e9, "TPU v5": 600e9, "TPU v4": 300e9, "TPU v6 lite": 448e9}
 
@@ -73,7 +76,7 @@ def compile_train_step(config, devices, task: str = "pretrain"):
   t = TASKS[task]
   _, schedule = make_optimizer(config.optimizer, config.train.steps)
   shape = (config.train.global_batch_size, config.train.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k.endswith(_FLOAT_KEYS) else jnp.int32,
                                    sharding=sharding.batch_sharding(layout.mesh))
            for k in t.batch_keys}
   step = jit_train_step(layout, t.make_loss(config), schedule,

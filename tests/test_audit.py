@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import reward_tiny, rlhf_tiny, sft_tiny, tiny
+from configs import dpo_tiny, grpo_tiny, reward_tiny, rlhf_tiny, sft_tiny, tiny
 from gemma_jax import sharding
 from gemma_jax.losses import chunked_cross_entropy
 from gemma_jax.train_step import jit_train_step
@@ -41,6 +41,8 @@ CASES = {  # name: (config, task, decode)
     "sft with LoRA": (sft_lora, "sft", False),
     "reward": (reward_tiny.get_config, "reward", False),
     "rlhf": (rlhf_tiny.get_config, "rlhf", False),
+    "grpo": (grpo_tiny.get_config, "rlhf", False),
+    "dpo": (dpo_tiny.get_config, "dpo", False),
     "decode": (pretrain, "pretrain", True),
 }
 
@@ -68,7 +70,8 @@ def test_steps_on_8_cpu_devices_move_what_zero3_predicts(name):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("name", ["pretrain", "sft with LoRA", "reward", "rlhf", "decode"])
+@pytest.mark.parametrize("name", ["pretrain", "sft with LoRA", "reward", "rlhf", "grpo", "dpo",
+                                  "decode"])
 def test_steps_compiled_for_a_tpu_topology_move_what_zero3_predicts(name):
   make_config, task, decode = CASES[name]
   assert_zero3(*compiled_audit(aot.topology_devices("v5e:2x4"), make_config, task, decode),

@@ -14,11 +14,12 @@ from trainers import cli, loop, pretrain
 DEVICES = 8  # tests/conftest.py
 
 
-@pytest.mark.parametrize("name", ["tiny", "gemma_2b", "gemma_7b", "gemma2_9b"])
+@pytest.mark.parametrize("name", ["tiny", "gemma_2b", "gemma_7b", "gemma2_9b", "dpo_tiny",
+                                  "dpo_gemma3_270m", "dpo_gemma_2b", "grpo_tiny"])
 def test_shipped_configs_follow_the_schema(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   base._check_schema(config, base.get_config(), "config")
-  if name == "tiny":
+  if name in ("tiny", "dpo_tiny", "grpo_tiny"):
     assert validate(config, DEVICES).name == "tiny_gemma3"
 
 

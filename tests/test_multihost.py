@@ -1,5 +1,6 @@
-"""Every trainer and the sampler as 2 emulated hosts: launch.local runs 2 processes x 4 CPU
-devices (gloo collectives), compared with 1 process x 8 devices (this pytest process).
+"""Every trainer (DPO and GRPO too) and the sampler as 2 emulated hosts: launch.local runs
+2 processes x 4 CPU devices (gloo collectives), compared with 1 process x 8 devices (this
+pytest process).
 
 Data: the rl format has one prompt per row, and the sft / reward runs use packing "none"
 with truncation, so both layouts see the same records in every global batch (each process
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from jobs import kill_one_after, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +180,44 @@ def test_rlhf_with_a_reward_model_and_lora_on_two_hosts_equals_one(reward_one, t
   assert [got[s]["completion_length"] for s in sorted(got)] == \
       [want[s]["completion_length"] for s in sorted(want)]
   assert_same_steps(got, want, (*RL_KEYS, "loss"), loss=1e-4)
+
+
+# -- DPO and GRPO ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_dpo_on_two_hosts_equals_one(tmp_path):
+  """LoRA DPO with held-out evaluation: the reference log-probs are computed on the global
+  mesh from every host's pair rows."""
+  args = ["--config", str(ROOT / "configs" / "dpo_tiny.py"), "--config.eval.every=3",
+          "--config.eval.batches=1", "--config.optimizer.warmup_steps=2",
+          "--config.lora.rank=4", *ONE_RECORD_PER_ROW]
+  want = run_one("dpo", tmp_path / "one", *args)
+  status, text = run_job(command("dpo", tmp_path / "two", *args))
+  assert status == 0, text[-3000:]
+  got = metrics(tmp_path / "two")
+  assert_same_steps(got, want, ("loss", "reward_accuracy", "reward_margin", "chosen_reward",
+                                "grad_norm"))
+  for step in (3, 6):
+    for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
+      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_grpo_on_two_hosts_equals_one(tmp_path):
+  """Rollout cycles of 3 minibatch steps (24 rows, 8 per minibatch: one per device): each
+  host's rows of the buffer stay on its devices, and 2 x 4 gives 1 x 8's numbers."""
+  args = [*RLHF, "--config.rlhf.algorithm=grpo", "--config.rlhf.kl=loss", "--config.rlhf.k=3",
+          "--config.rlhf.minibatches=3", "--config.rlhf.updates_per_rollout=1"]
+  want = run_one("rlhf", tmp_path / "one", *args)
+  status, text = run_job(command("rlhf", tmp_path / "two", *args))
+  assert status == 0, text[-3000:]
+  got = metrics(tmp_path / "two")
+  assert [got[s].get("completion_length") for s in sorted(got)] == \
+      [want[s].get("completion_length") for s in sorted(want)]
+  assert_same_steps(got, want, ("loss", "grad_norm", "ratio", "kl_k3"), loss=1e-4)
+  for step in (1, 4):  # the rollouts
+    for key in RL_KEYS[:5]:
+      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5, err_msg=key)
 
 
 # -- generation on a model sharded over two hosts ----------------------------------------------

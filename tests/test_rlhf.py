@@ -92,8 +92,8 @@ def stop_after(step):
   return dataclasses.replace(rlhf.TASK, hooks=(hooks.before_step(stop), *rlhf.TASK.hooks))
 
 
-def final_params(workdir, config):
-  trainer = loop.Trainer(config, workdir, rlhf.TASK)
+def final_params(workdir, config, task=rlhf.TASK):
+  trainer = loop.Trainer(config, workdir, task)
   with jax.set_mesh(trainer.mesh):
     trainer.init_state()
   params = jax.device_get(trainer.state.params)

@@ -4,8 +4,9 @@ A hook's `run(trainer)` is called at the steps where it is due: every `every` st
 never) and at the last step, and with `on_stop` also at the step where a stop request
 (SIGTERM, preemption) ends the run. `before_step(trainer, batch)` sees every batch before the
 step trains on it and returns the batch to train on (RLHF's rollouts); a "metrics" entry of
-host floats joins the step's metrics. Hooks run in list order: the task's own, then logging,
-evaluation, samples and checkpointing. `StepMetrics` reads every step's metrics one step
+host floats joins the step's metrics; `before_eval(trainer, batch)` completes evaluation
+batches likewise (DPO's reference log-probs). Hooks run in list order: the task's own, then
+logging, evaluation, samples and checkpointing. `StepMetrics` reads every step's metrics one step
 late, so that the host never waits for the device in between.
 """
 
@@ -44,6 +45,10 @@ class Hook:
     return bool(self.every) and (step % self.every == 0 or last or (stopping and self.on_stop))
 
   def before_step(self, trainer: Trainer, batch: dict) -> dict:
+    return batch
+
+  def before_eval(self, trainer: Trainer, batch: dict) -> dict:
+    """An evaluation batch, completed like before_step's (DPO: the reference log-probs)."""
     return batch
 
   def run(self, trainer: Trainer) -> None:
@@ -91,14 +96,20 @@ class Evaluate(Hook):
     self.step = jit_eval_step(trainer.layout, trainer.loss_fn, self.keys)
 
   def run(self, trainer: Trainer) -> None:
-    trainer.report(self.evaluate(trainer.state.model_params()))
+    def prepare(batch):
+      for hook in trainer.hooks:
+        batch = hook.before_eval(trainer, batch)
+      return batch
 
-  def evaluate(self, params: dict) -> dict[str, float]:
+    trainer.report(self.evaluate(trainer.state.model_params(), prepare))
+
+  def evaluate(self, params: dict, prepare: Callable[[dict], dict] = lambda batch: batch
+               ) -> dict[str, float]:
     self.data.set_state(self.start)
     total = weight = 0.0
     extras: dict[str, float] = {}
     for _ in range(self.batches):
-      batch = next(self.data)
+      batch = prepare(next(self.data))
       s, w, e = self.step(params, {k: batch[k] for k in self.keys})
       total, weight = total + s, weight + w
       extras = {k: extras.get(k, 0.0) + float(v) for k, v in e.items()}

@@ -1,8 +1,8 @@
 """Loss curves of a run: python -m trainers.plot WORKDIR [--out FILE.png]
 
 Reads WORKDIR/metrics.jsonl and writes WORKDIR/loss.png (or --out): training and eval loss
-against the step, and the learning rate below; reward-model and RLHF runs get a panel of
-their accuracy / mean reward (and KL to the reference) in between. A resumed run logs again the steps after its
+against the step, and the learning rate below; reward-model, RLHF and DPO runs get a panel
+of their accuracy / mean reward (and KL to the reference) in between. A resumed run logs again the steps after its
 checkpoint; the last record of a step wins.
 """
 
@@ -18,7 +18,8 @@ from gemma_jax.metrics import METRICS_FILE
 
 PLOT_FILE = "loss.png"
 # Plotted in a panel of their own when a run logs them (python -m trainers.reward / rlhf).
-TASK_METRICS = ("reward_mean", "accuracy", "eval_accuracy", "kl")
+TASK_METRICS = ("reward_mean", "accuracy", "eval_accuracy", "reward_accuracy",
+                "eval_reward_accuracy", "kl")
 
 
 def read_metrics(workdir: str | Path) -> dict[str, list[tuple[int, float]]]:

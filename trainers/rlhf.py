@@ -14,6 +14,9 @@ Each step (the rollout hook's before_step, then the ordinary jitted train step):
      give the token log-probs for the KL (and the entropy); R = r - beta * KL; RLOO
      advantages (gemma_jax/rl.py);
   4. the train step minimises -mean_i A_i * sum_t log pi(y_i,t) (rl.rloo_loss).
+With rlhf.algorithm="grpo" (gemma_jax/grpo.py) the advantages are group-normalised, the loss
+is the clipped ratio against the behaviour policy (+ beta k3 with rlhf.kl="loss"), and a
+rollout feeds updates_per_rollout x minibatches steps (trainers/rollout_cycle.py).
 The reference is the policy the run started from (config.init_from, else the seeded random
 init; with LoRA the initial adapters, which add exactly nothing, on the shared frozen base),
 rebuilt the same way on resume. Metrics: reward mean/std, KL, completion length,
@@ -32,6 +35,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -44,20 +48,31 @@ import numpy as np
 from flax import nnx
 
 from configs.base import ConfigError, model_config
-from gemma_jax import checkpoint, distributed, rl, sharding
+from gemma_jax import checkpoint, distributed, grpo, rl, sharding
 from gemma_jax.model_dir import load_reward_model
 from gemma_jax.reward_model import sequence_rewards
 from gemma_jax.sampler import Completion, Sampler, SamplingParams
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.train_step import LossFn
-from trainers import cli, hooks, loop
+from gemma_jax.train_step import BATCH_KEYS, LossFn
+from trainers import cli, hooks, loop, rollout_cycle
+from trainers.reference import Reference
 
 ROLLOUTS_FILE = "rollouts.jsonl"  # a few completions per log step (not config.samples)
 
 
 def make_loss(config: ml_collections.ConfigDict) -> LossFn:
   check_config(config)
-  return functools.partial(rl.rloo_loss, chunk_size=config.train.loss_chunk_size)
+  r, chunk = config.rlhf, config.train.loss_chunk_size
+  if r.algorithm == "rloo":
+    return functools.partial(rl.rloo_loss, chunk_size=chunk)
+  return functools.partial(grpo.grpo_loss, clip_eps=float(r.clip_eps) or None,
+                           beta=float(r.beta) if r.kl == "loss" else 0.0,
+                           normalisation=r.normalisation, chunk_size=chunk)
+
+
+def cycle_length(r: ml_collections.ConfigDict) -> int:
+  """Loop steps per rollout (trainers/rollout_cycle.py): 1 for RLOO."""
+  return r.updates_per_rollout * r.minibatches
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -71,6 +86,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if r.reward_model and not (Path(r.reward_model) / checkpoint.CONFIG_FILE).is_file():
     raise ConfigError(f"config.rlhf.reward_model={r.reward_model!r} is not a reward-trainer "
                       "workdir (no config.json)")
+  _check_algorithm(config)
   if config.eval.every:
     raise ConfigError(f"config.eval.every={config.eval.every}: RLHF has no held-out loss; "
                       "set it to 0 (the reward curve is in metrics.jsonl)")
@@ -78,6 +94,35 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.seq_len={config.train.seq_len} (the prompt buffer) + "
                       f"config.rlhf.max_new_tokens={r.max_new_tokens} exceed the model's "
                       f"max_seq_len={cfg.max_seq_len}")
+
+
+def _check_algorithm(config: ml_collections.ConfigDict) -> None:
+  """rlhf.algorithm and GRPO's keys; a cycle's minibatches must split over the mesh."""
+  r = config.rlhf
+  choices = {"algorithm": rl.ALGORITHMS, "kl": grpo.KL_MODES,
+             "normalisation": grpo.NORMALISATIONS}
+  for key, allowed in choices.items():
+    if r[key] not in allowed:
+      raise ConfigError(f"config.rlhf.{key}={r[key]!r}; choose one of {allowed}")
+  if r.updates_per_rollout < 1 or r.minibatches < 1 or r.clip_eps < 0:
+    raise ConfigError("config.rlhf: updates_per_rollout and minibatches must be >= 1 and "
+                      "clip_eps >= 0")
+  if r.algorithm == "rloo" and (cycle_length(r) > 1 or r.kl != "reward"):
+    raise ConfigError("config.rlhf.algorithm='rloo' takes one update per rollout "
+                      "(updates_per_rollout=minibatches=1) and kl='reward'; use 'grpo'")
+  rows, shards = config.data.batch_size * r.k, config.train.microbatches * math.prod(
+      sharding.mesh_shape(config.mesh, jax.device_count(), "config.mesh")[:2])
+  if rows % (r.minibatches * shards):
+    raise ConfigError(f"config.rlhf.minibatches={r.minibatches}: a rollout's {rows} rows "
+                      f"must split into minibatches of a multiple of {shards} rows (batch "
+                      "shards x train.microbatches)")
+  cycle = cycle_length(r)
+  for key in ("train.steps", "checkpoint.every"):
+    section, name = key.split(".")
+    if config[section][name] % cycle:
+      raise ConfigError(f"config.{key}={config[section][name]} must be a multiple of the "
+                        f"{cycle} steps of a rollout cycle (updates_per_rollout x "
+                        "minibatches): checkpoints are taken between cycles")
 
 
 def load_reward_fn(spec: str) -> Callable:
@@ -132,19 +177,18 @@ class Rollouts(hooks.Hook):
     if r.reward_model:
       self._load_reward_model(r.reward_model)
     self.samples_path = trainer.workdir / ROLLOUTS_FILE
-    self._reference: dict | None = None
+    self._reference = Reference()
     self._sampler: Sampler | None = None
     self._learner_tokens = 0.0
     self._learner_start: float | None = None
+    self.cycle = cycle_length(r)
+    rollout_cycle.install(trainer, self.cycle)
+    self._minibatch = rollout_cycle.minibatcher(trainer.mesh, r.minibatches)
+    self._buffer: dict | None = None
 
   def reference(self, trainer: loop.Trainer) -> dict:
-    """The reference policy's whole parameter dict: the run's initial trainable params on the
-    current state's frozen part (a LoRA base: the train step donates the state, so an old
-    reference to it would be dead)."""
-    if self._reference is None:
-      self._reference = trainer.layout.initial("params", trainer.config.train.seed,
-                                               trainer.base_params())
-    return trainer.state.replace(params=self._reference).model_params()
+    """The reference policy's whole parameter dict (trainers/reference.py)."""
+    return self._reference.params(trainer)
 
   def _load_reward_model(self, workdir: str) -> None:
     _, model, tokenizer = load_reward_model(workdir, self.layout.mesh)
@@ -168,8 +212,21 @@ class Rollouts(hooks.Hook):
   # -- one step ------------------------------------------------------------------------------
 
   def before_step(self, trainer: loop.Trainer, batch: dict) -> dict:
-    """Sample k completions of this host's prompts, score them, and return the learner batch
-    (global arrays: every host gives the rows of its own prompts)."""
+    """The learner batch: at a cycle's first step (every step for RLOO) a rollout of this
+    batch's prompts; then minibatch (step % minibatches) of it (trainers/rollout_cycle.py)."""
+    index = trainer.step_count % self.cycle
+    metrics = {}
+    if index == 0:
+      self._buffer, metrics = self._rollout(trainer, batch)
+    elif self._buffer is None:
+      raise ConfigError(f"step {trainer.step_count} is inside a rollout cycle of {self.cycle} "
+                        "steps (updates_per_rollout x minibatches changed since the "
+                        "checkpoint?): resume from a checkpoint at a multiple of it")
+    return {**self._minibatch(self._buffer, index % self.r.minibatches), "metrics": metrics}
+
+  def _rollout(self, trainer: loop.Trainer, batch: dict) -> tuple[dict, dict]:
+    """Sample k completions of this host's prompts, score them: (the learner buffer, the
+    rollout's metrics); global arrays: every host gives the rows of its own prompts."""
     params = trainer.state.model_params()
     jax.block_until_ready(params)  # the previous train step has finished: time the learner
     start = time.perf_counter()
@@ -190,14 +247,14 @@ class Rollouts(hooks.Hook):
         rows["targets"])
     scores = self._scores(prompts, completions, fields, rows)
     out = rl.advantages_from(
-        scores, logp, ref_logp, rows["mask"], truncated, k=r.k, beta=float(r.beta),
-        clip=float(r.reward_clip), truncated_mode=r.truncated,
-        truncated_penalty=float(r.truncated_penalty),
-        whiten_advantages=bool(r.whiten_advantages))
+        scores, logp, ref_logp, rows["mask"], truncated, k=r.k,
+        beta=float(r.beta) if r.kl == "reward" else 0.0, clip=float(r.reward_clip),
+        truncated_mode=r.truncated, truncated_penalty=float(r.truncated_penalty),
+        whiten_advantages=bool(r.whiten_advantages), algorithm=r.algorithm)
     metrics = {k: float(v) for k, v in jax.device_get(_rollout_metrics(
         scores, out["rewards"], out["kl"], rows["mask"], truncated, entropy,
         rows["segment_ids"])).items()}
-    self._learner_tokens = metrics.pop("learner_tokens")
+    self._learner_tokens = metrics.pop("learner_tokens") * r.updates_per_rollout
     metrics["rollout_tokens_per_s"] = metrics.pop("generated_tokens") / rollout_seconds
     if learner_seconds is not None:
       metrics["learner_tokens_per_s"] = self._learner_tokens / learner_seconds
@@ -205,8 +262,9 @@ class Rollouts(hooks.Hook):
                       sharding.host_rows(out["kl"]))
     learner = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
     learner["loss_weights"] = _loss_weights(out["advantages"], rows["mask"])
+    learner.update(completion_mask=rows["mask"], old_logprobs=logp, ref_logprobs=ref_logp)
     self._learner_start = time.perf_counter()
-    return {**learner, "metrics": metrics}
+    return learner, metrics
 
   def _prompts(self, trainer: loop.Trainer, batch: dict
                ) -> tuple[list[list[int]], list[dict], list[int]]:
@@ -250,9 +308,12 @@ class Rollouts(hooks.Hook):
     return self._global(self.layout.mesh, scores)
 
   def _log_samples(self, trainer: loop.Trainer, prompts, completions, scores, kl) -> None:
-    c, step = trainer.config, trainer.step_count + 1
+    # step: the rollout's first train step; its cycle's steps step .. step + cycle - 1 hold
+    # a log step (a multiple of logging.every) or the last one.
+    c, step, every = trainer.config, trainer.step_count + 1, trainer.config.logging.every
     if not (trainer.is_main and self.r.samples_logged and
-            (step == 1 or step % c.logging.every == 0 or step == c.train.steps)):
+            (step == 1 or (step - 1) // every < (step - 1 + self.cycle) // every
+             or step + self.cycle > c.train.steps)):
       return
     tok = trainer.tokenizer
     with open(self.samples_path, "a") as f:
@@ -318,7 +379,10 @@ def _teacher_forced(graphdef, params, reference, tokens, positions, segment_ids,
   return logp, ref_logp, entropy
 
 
-TASK = loop.Task(name="rlhf", data_format="rl", make_loss=make_loss, hooks=(Rollouts,))
+# RLOO's loss reads only BATCH_KEYS; GRPO's also the buffer's behaviour and reference
+# log-probs (one task for both: the algorithm is a config value).
+TASK = loop.Task(name="rlhf", data_format="rl", make_loss=make_loss,
+                 batch_keys=(*BATCH_KEYS, *grpo.BUFFER_KEYS), hooks=(Rollouts,))
 
 if __name__ == "__main__":
   sys.exit(cli.main(TASK))
