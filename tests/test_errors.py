@@ -238,3 +238,32 @@ def test_entry_points_run_through_exits():
   unguarded = [str(p.relative_to(REPO)) for p in mains
                if "exits." not in p.read_text() and "cli.main(" not in p.read_text()]
   assert len(mains) > 10 and not unguarded, unguarded
+
+
+def test_no_save_inside_a_rollout_cycle_or_at_step_0():
+  """GRPO resumes only from a cycle's start; a save anywhere else would not resume exactly."""
+  from types import SimpleNamespace
+
+  from trainers import loop
+
+  class Checkpoints:
+    saved: list[int] = []
+
+    def wait(self):
+      pass
+
+    def steps(self):
+      return [4]
+
+  def trainer(step, period):
+    return SimpleNamespace(state={"w": jax.numpy.ones(2)}, step_count=step,
+                           checkpoint_period=period, checkpoints=Checkpoints(),
+                           save=lambda: Checkpoints.saved.append(step))
+
+  for step, period, saved in ((6, 4, []), (0, 1, []), (6, 2, [6]), (4, 1, [])):
+    Checkpoints.saved = []
+    error = ValueError("boom")
+    loop.Trainer._save_before_stopping(trainer(step, period), error)
+    assert Checkpoints.saved == saved, (step, period)
+    assert ("inside a rollout cycle" in " ".join(getattr(error, "__notes__", []))) == \
+        ((step, period) == (6, 4))

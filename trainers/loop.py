@@ -104,6 +104,8 @@ class Trainer:
     # Set by SIGTERM during train(); the loop saves and returns after the current step
     # (long hooks, e.g. a rollout, may check it too).
     self.stop_requested = threading.Event()
+    # Checkpoints only at multiples of this step (GRPO's rollout cycles: trainers/rollout_cycle).
+    self.checkpoint_period = 1
     self.writer: MetricsWriter | None = None  # open during train()
     self.summary: dict[str, Any] = {}
     self.hooks = self._make_hooks()
@@ -237,6 +239,10 @@ class Trainer:
                     if isinstance(leaf, jax.Array))
     if self.state is None or self.step_count == 0 or not (collective and alive):
       return  # (at step 0 there is no progress to keep)
+    if self.step_count % self.checkpoint_period:
+      error.add_note(f"(step {self.step_count} is inside a rollout cycle, which resumes only "
+                     "from its start: the newest checkpoint is the run's last)")
+      return
     try:
       self.checkpoints.wait()
       if self.step_count not in self.checkpoints.steps():

@@ -78,6 +78,7 @@ def install(trainer: Trainer, cycle: int) -> None:
   if cycle > 1:
     trainer.data = CycleData(trainer.data, trainer, cycle)
     trainer.stop_requested = CycleStop(trainer, cycle)
+    trainer.checkpoint_period = cycle  # also for the save before an error ends the run
 
 
 def minibatcher(mesh, count: int):
