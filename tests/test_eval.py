@@ -2,6 +2,7 @@
 text conventions (few-shot prompts, token boundaries, windows), each task kind's metrics,
 the command line and its one-line errors on bad task files."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from gemma_jax import sharding
 from gemma_jax.checkpoint import save_model_dir
@@ -36,10 +38,20 @@ def tiny(tmp_path_factory):
   return tmp / "model", model, Tokenizer(spm)
 
 
+WIDTH = 128  # every reference forward runs one compiled [1, WIDTH] shape, right-padded
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, tokens, segment_ids):
+  return nnx.merge(graphdef, state)(tokens, None, segment_ids)
+
+
 def reference_score(model, context, continuation):
   """float64 log p(continuation | context) and greedy, from one unpacked forward."""
   seq = np.array(context + continuation)
-  logits = np.float64(model(seq[None, :-1])[0])
+  tokens, segments = np.zeros((1, WIDTH), np.int32), np.zeros((1, WIDTH), np.int32)
+  tokens[0, :len(seq) - 1], segments[0, :len(seq) - 1] = seq[:-1], 1
+  logits = np.float64(_logits(*nnx.split(model), tokens, segments)[0, :len(seq) - 1])
   top = logits.max(-1, keepdims=True)
   logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   rows = np.arange(len(context) - 1, len(seq) - 1)  # the positions predicting the continuation
@@ -57,7 +69,8 @@ def random_pairs(seed, n, vocab):
 def test_packed_scores_equal_one_forward_per_pair(tiny, mesh_shape):
   _, model, _ = tiny
   pairs = random_pairs(0, 13, model.config.vocab_size)
-  pairs.append((pairs[0][0], [int(np.argmax(model(np.array([pairs[0][0]]))[0, -1]))]))
+  ctx = pairs[0][0]
+  pairs.append((ctx, [int(np.argmax(_logits(*nnx.split(model), np.array([ctx]), None)[0, -1]))]))
   mesh = None if mesh_shape is None else sharding.make_mesh(dict(zip(("data", "fsdp",
                                                                       "tensor"), mesh_shape)))
   got = Scorer(model, mesh, max_length=64, batch_rows=2).score(pairs)
