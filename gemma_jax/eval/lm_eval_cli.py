@@ -15,8 +15,9 @@ from gemma_jax import exits
 
 @exits.command("gemma_jax.eval.lm_eval_cli")
 def main(argv: list[str]) -> int:
-  import gemma_jax.eval.lm_eval_adapter  # noqa: F401  (registers "gemma_jax")
   from lm_eval.__main__ import cli_evaluate
+
+  import gemma_jax.eval.lm_eval_adapter  # noqa: F401  (registers "gemma_jax")
 
   sys.argv = [sys.argv[0], *argv]
   cli_evaluate()
