@@ -231,15 +231,15 @@ GOOD = {"context": "Q", "choices": ["a", "b"], "label": 1}
 
 
 @pytest.mark.parametrize("record,message", [
-    ({"context": "Q", "choices": ["a"]}, "line 2: missing field 'label'"),
-    ({**GOOD, "label": 2}, "line 2: field 'label' is 2, out of range for 2 choices"),
-    ({**GOOD, "choices": []}, "line 2: field 'choices' must be a non-empty list"),
-    ({**GOOD, "label": "1"}, "line 2: field 'label' must be an integer"),
-    ("{not json", "line 2: not JSON"),
+    ({"context": "Q", "choices": ["a"]}, "line 3: missing field 'label'"),
+    ({**GOOD, "label": 2}, "line 3: field 'label' is 2, out of range for 2 choices"),
+    ({**GOOD, "choices": []}, "line 3: field 'choices' must be a non-empty list"),
+    ({**GOOD, "label": "1"}, "line 3: field 'label' must be an integer"),
+    ("{not json", "line 3: not JSON"),
 ])
 def test_bad_task_files_end_in_one_line_naming_file_line_and_field(tiny, tmp_path, capsys,
                                                                    record, message):
-  data = write_lines(tmp_path / "bad.jsonl", [GOOD, record])
+  data = write_lines(tmp_path / "bad.jsonl", [GOOD, "", record])  # blank lines still count
   assert eval_main(["--checkpoint", str(tiny[0]), "--task", str(data)]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("gemma_jax.eval: error: ")

@@ -65,8 +65,8 @@ def load_task(name_or_path: str | Path) -> Task:
     raise FileNotFoundError(f"task {str(name_or_path)!r}: no such file or shipped task "
                             f"(shipped: {', '.join(shipped())})")
   if path.suffix == ".jsonl":
-    records = read_records(path)
-    return Task(path.stem, infer_kind(path, records), tuple(records))
+    kind = infer_kind(path, read_records(path)[0])
+    return Task(path.stem, kind, tuple(read_records(path, kind)))
   return _from_spec(path)
 
 
@@ -107,15 +107,13 @@ def _check_settings(path: Path, task: Task) -> None:
     raise ValueError(f"{path}: answer_regex {task.answer_regex!r}: {e}") from None
 
 
-def infer_kind(path: Path, records: list[dict]) -> str:
-  """The kind whose fields the first record has (and then every record is checked)."""
-  first = records[0]
+def infer_kind(path: Path, first: dict) -> str:
+  """The kind whose first field the file's first record has."""
   for kind, fields in FIELDS.items():
     if fields[0] in first:
-      for line, record in enumerate(records, 1):
-        check_record(path, line, record, kind)
       return kind
-  raise ValueError(f"{path}, line 1: no field of a task kind ({', '.join(sorted(f[0] for f in FIELDS.values()))})")
+  firsts = ", ".join(sorted(f[0] for f in FIELDS.values()))
+  raise ValueError(f"{path}, line 1: no field that names a task kind ({firsts})")
 
 
 def read_records(path: Path, kind: str | None = None) -> list[dict]:
