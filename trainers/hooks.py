@@ -115,6 +115,9 @@ class EvaluateTasks(Hook):
 
   def __init__(self, trainer: Trainer):
     c = trainer.config
+    if jax.process_count() > 1:  # the scorer reads whole result arrays on one host
+      raise ValueError("config.eval.tasks runs on one host only; evaluate the workdir with "
+                       "python -m gemma_jax.eval instead")
     self.every, self.limit = c.eval.every, c.eval.task_limit
     self.tasks = [load_task(t) for t in c.eval.tasks]
 
