@@ -23,6 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from gemma_jax import sharding
+from gemma_jax.eval.progress import Progress
 from gemma_jax.eval.scorer import Scorer
 from gemma_jax.model_dir import load_model_dir
 from gemma_jax.sampler import Sampler, SamplingParams
@@ -71,8 +72,14 @@ class GemmaJaxLM(TemplateLM):
     return self.tok.encode(string, add_bos=add_special_tokens is not False)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-    pairs = [(ctx, cont) for _, ctx, cont in requests]
-    return self.scorer.score(pairs)
+    return self._score([(ctx, cont) for _, ctx, cont in requests], disable_tqdm)
+
+  def _score(self, pairs, disable_tqdm: bool = False):
+    bar = Progress(len(pairs), "gemma_jax scoring", not disable_tqdm)
+    try:
+      return self.scorer.score(pairs, bar.update)
+    finally:
+      bar.close()
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     docs = []
@@ -81,7 +88,7 @@ class GemmaJaxLM(TemplateLM):
           token_list=self.tok_encode(text, add_special_tokens=False),
           prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)
       docs.append([utils.make_disjoint_window(w) for w in windows])
-    scores = iter(self.scorer.score([w for d in docs for w in d]))
+    scores = iter(self._score([w for d in docs for w in d], disable_tqdm))
     return [sum(next(scores)[0] for _ in d) for d in docs]
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
