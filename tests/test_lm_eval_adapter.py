@@ -66,7 +66,7 @@ SHIPPED = {"gj_arithmetic_mc": ("multiple_choice", "arithmetic_mc", 3),
 def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("lm_eval")
   spm = train_sentencepiece([CORPUS], tmp / "spm", 512)
-  cfg = get_config("tiny_gemma3", dtype="float32", scan_layers=False)
+  cfg = get_config("tiny_gemma3", dtype="float32")  # scanned: many shapes compile faster
   model = init_model(cfg, seed=5)
   save_model_dir(tmp / "model", cfg, model, tokenizer_model=spm)
   tasks = tmp / "tasks"
@@ -79,6 +79,7 @@ def setup(tmp_path_factory):
 
 
 LIMIT = 4
+COMPARED_TASKS = ["gj_arithmetic_mc", "gj_prose", "gj_arithmetic_gen"]  # one of each kind
 COMPARED = {"multiple_choice": {"acc", "acc_norm"}, "generation": {"exact_match"},
             "perplexity": {"word_perplexity", "byte_perplexity", "bits_per_byte"}}
 
@@ -86,12 +87,12 @@ COMPARED = {"multiple_choice": {"acc", "acc_norm"}, "generation": {"exact_match"
 def test_harness_numbers_equal_gemma_jax_eval(setup):
   path, model, tok, tasks = setup
   out = lm_eval.simple_evaluate(
-      model="gemma_jax", model_args=f"checkpoint={path},batch_size=4", tasks=list(SHIPPED),
+      model="gemma_jax", model_args=f"checkpoint={path},batch_size=4", tasks=COMPARED_TASKS,
       task_manager=TaskManager(include_path=str(tasks)), limit=LIMIT, log_samples=True,
       random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=1234)
   ev = Evaluator(model, tok, batch_size=4, progress=False)
-  spec = {"gj_arithmetic_mc": "arithmetic_mc", "gj_word_completion": "word_completion",
-          "gj_prose": "prose_perplexity", "gj_arithmetic_gen": "arithmetic_gen"}
+  spec = {"gj_arithmetic_mc": "arithmetic_mc", "gj_prose": "prose_perplexity",
+          "gj_arithmetic_gen": "arithmetic_gen"}
   for name, ours_name in spec.items():
     ours, theirs = ev.run(load_task(ours_name), LIMIT), out["results"][name]
     theirs = {k.split(",")[0]: v for k, v in theirs.items() if "stderr" not in k and "," in k}
