@@ -79,7 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       every=0,          # steps between evaluations (and one at the end); 0 = no evaluation
       batches=4,        # batches per evaluation, always the same ones
-      sources=()))      # like data.sources; read in order, with data's format and packing
+      sources=(),       # like data.sources; read in order, with data's format and packing
+      # gemma_jax.eval tasks (shipped names or task files) run at the same steps, their
+      # metrics logged as eval_<task>_<metric>; task_limit: first N examples (0 = all).
+      tasks=(), task_limit=0))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=1000,       # steps between checkpoints; the last step and SIGTERM also save
       keep=3,           # the newest `keep` checkpoints are kept ...
@@ -171,7 +174,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
   _check_tokenizer(c.tokenizer, cfg)
   _at_least(c.checkpoint, "checkpoint", every=1, keep=1, keep_every=0)
   _at_least(c.logging, "logging", every=1)
-  _at_least(c.eval, "eval", every=0, batches=1)
+  _at_least(c.eval, "eval", every=0, batches=1, task_limit=0)
+  _check_eval_tasks(c.eval)
   _check_reward_and_rlhf(c)
   _check_lora_and_samples(c)
   if c.init_from and not os.path.isfile(os.path.join(c.init_from, CONFIG_FILE)):
@@ -299,9 +303,22 @@ def _check_optimizer(c) -> None:
 def _check_data(c) -> None:
   _parse_data(c.data, "")
   if c.eval.every:
-    if not c.eval.sources:
-      raise ConfigError(f"config.eval.every={c.eval.every} needs config.eval.sources")
-    _parse_data(eval_data_config(c), "config.eval.sources, read with config.data: ")
+    if not c.eval.sources and not c.eval.tasks:
+      raise ConfigError(f"config.eval.every={c.eval.every} needs config.eval.sources or "
+                        "config.eval.tasks")
+    if c.eval.sources:
+      _parse_data(eval_data_config(c), "config.eval.sources, read with config.data: ")
+
+
+def _check_eval_tasks(e) -> None:
+  """Every task in config.eval.tasks loads (its file and records are checked now)."""
+  from gemma_jax.eval.tasks import load_task
+
+  for task in e.tasks:
+    try:
+      load_task(task)
+    except (ValueError, FileNotFoundError) as err:
+      raise ConfigError(f"config.eval.tasks: {err}") from err
 
 
 def _parse_data(data, prefix: str) -> None:

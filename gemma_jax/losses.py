@@ -360,3 +360,37 @@ def token_logprobs(features, table, targets, *, final_softcap=None, chunk_size: 
 
   batch = P(_batch_axes(mesh))
   return _on_chips(per_chip, mesh, chunk_size, table, (features, targets), (batch, batch))
+
+
+def _chunked_scores(features, table, targets, *, final_softcap, chunk_size, vocab_axis):
+  """(log p(targets), whether each target is the argmax), shaped like targets, on one device."""
+  x, t = _chunks(chunk_size, features, targets)
+
+  def one(chunk):
+    logits = _logits(chunk[0], table, final_softcap, vocab_axis)
+    lse, target_logit = _normaliser_and_target(logits, chunk[1], vocab_axis)
+    top = jnp.max(logits, axis=-1)
+    if vocab_axis is not None:
+      top = jax.lax.pmax(top, vocab_axis)
+    return target_logit - lse, target_logit >= top
+
+  picked, greedy = jax.lax.map(one, (x, t))
+  unpad = lambda a: a.reshape(-1)[:targets.size].reshape(targets.shape)
+  return unpad(picked), unpad(greedy)
+
+
+def token_scores(features, table, targets, *, final_softcap=None, chunk_size: int = 4096):
+  """(log p(targets) float32, target is the most likely token bool) [B, T] of the tied logits
+  at temperature 1: what evaluation needs (lm-evaluation-harness's loglikelihood and
+  is_greedy), laid out on the context mesh like token_logprobs."""
+  kw = dict(final_softcap=final_softcap)
+  mesh = _context_mesh()
+  if mesh is None:
+    return _chunked_scores(features, table, targets, chunk_size=chunk_size, vocab_axis=None,
+                           **kw)
+
+  def per_chip(table, vocab_axis, chunk, x, t):
+    return _chunked_scores(x, table, t, chunk_size=chunk, vocab_axis=vocab_axis, **kw)
+
+  batch = P(_batch_axes(mesh))
+  return _on_chips(per_chip, mesh, chunk_size, table, (features, targets), (batch, batch))

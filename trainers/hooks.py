@@ -24,6 +24,7 @@ import numpy as np
 
 from configs.base import eval_data_config
 from gemma_jax.data import make_iterator
+from gemma_jax.eval import Evaluator, load_task
 from gemma_jax.sampler import Sampler, SamplingParams
 from gemma_jax.train_step import jit_eval_step
 
@@ -116,6 +117,29 @@ class Evaluate(Hook):
     loss = float(total) / max(float(weight), 1.0)
     return {"eval_loss": loss, "eval_perplexity": perplexity(loss),
             **{f"eval_{k}": v / max(float(weight), 1.0) for k, v in extras.items()}}
+
+
+class EvaluateTasks(Hook):
+  """config.eval.tasks (gemma_jax.eval: perplexity, multiple choice, generation) on the
+  current weights, on the trainer's mesh, every eval.every steps and at the end; each
+  metric logged as eval_<task>_<metric> beside the held-out loss."""
+
+  def __init__(self, trainer: Trainer):
+    c = trainer.config
+    if jax.process_count() > 1:  # the scorer reads whole result arrays on one host
+      raise ValueError("config.eval.tasks runs on one host only; evaluate the workdir with "
+                       "python -m gemma_jax.eval instead")
+    self.every, self.limit = c.eval.every, c.eval.task_limit
+    self.tasks = [load_task(t) for t in c.eval.tasks]
+
+  def run(self, trainer: Trainer) -> None:
+    c = trainer.config
+    evaluator = Evaluator(trainer.layout.model(trainer.state.model_params()),
+                          trainer.tokenizer, trainer.mesh, max_length=c.train.seq_len,
+                          batch_size=c.data.batch_size, progress=False)
+    trainer.report({f"eval_{task.name}_{name}": value for task in self.tasks
+                    for name, value in evaluator.run(task, self.limit).items()
+                    if name != "examples"})
 
 
 class Samples(Hook):

@@ -112,7 +112,8 @@ class Trainer:
 
   def _make_hooks(self) -> list[hooks_lib.Hook]:
     c, h = self.config, hooks_lib
-    built_in = [h.LogMetrics, *([h.Evaluate] if c.eval.every else []),
+    built_in = [h.LogMetrics, *([h.Evaluate] if c.eval.every and c.eval.sources else []),
+                *([h.EvaluateTasks] if c.eval.every and c.eval.tasks else []),
                 *([h.Samples] if c.samples.every else []), h.SaveCheckpoint]
     return [make(self) for make in (*self.task.hooks, *built_in)]
 
