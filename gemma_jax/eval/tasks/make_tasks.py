@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+from gemma_jax import exits
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE.parents[2] / "tests" / "data" / "tokenizer_corpus.txt"
@@ -83,7 +86,9 @@ def write_spec(name: str, spec: dict) -> None:
   (HERE / f"{name}.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
-def main() -> None:
+@exits.command("gemma_jax.eval.tasks.make_tasks")
+def main(argv: list[str]) -> int:
+  del argv  # no flags: the files are a function of the seed
   rng = random.Random(22)
   write_jsonl("arithmetic_mc.jsonl", arithmetic_mc(rng, 48))
   write_jsonl("arithmetic_mc_fewshot.jsonl", arithmetic_mc(rng, 16))
@@ -103,7 +108,8 @@ def main() -> None:
                                 "answer_regex": r"(-?\d+)"})
   write_jsonl("prose.jsonl", paragraphs())
   write_spec("prose_perplexity", {"kind": "perplexity", "data": "prose.jsonl"})
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
