@@ -17,7 +17,7 @@ KINDS = ("jsonl", "text", "array_record", "memory")
 RL_PADDINGS = ("left", "right")
 # Canonical record fields; a source's `fields` maps them to the names its records use.
 FIELDS = ("text", "tokens", "messages", "prompt", "chosen", "rejected")
-_SOURCE_KEYS = ("path", "kind", "weight", "fields", "records")
+_SOURCE_KEYS = ("path", "kind", "weight", "fields", "records", "name")
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
                  ".array_record": "array_record", ".arrayrecord": "array_record"}
 
@@ -26,7 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
   """The `config.data` subtree with every key and its default (locked: typos fail)."""
   c = ml_collections.ConfigDict()
   # Each source: {path (file, glob or list), kind ("auto": from the suffix, or one of KINDS),
-  # weight (mixing weight, default 1), fields ({canonical field: name in the records})};
+  # weight (mixing weight, default 1), fields ({canonical field: name in the records}),
+  # name (in the per-source metrics; default: the first file's stem, or memoryK)};
   # in-memory sources give `records` (a list of dicts or strings) instead of `path`.
   # jsonl: one JSON object per line; text: one document per blank-line separated paragraph;
   # array_record: UTF-8 JSON records (python -m gemma_jax.data.to_array_record).
@@ -58,6 +59,7 @@ class SourceSpec:
   records: tuple[Any, ...]
   weight: float
   fields: Mapping[str, str]
+  label: str  # The source's name in metrics.
 
   @property
   def name(self) -> str:
@@ -105,6 +107,10 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Setti
   sources = tuple(_source_spec(i, s) for i, s in enumerate(values["sources"]))
   if not sources:
     raise ValueError("config.data.sources is empty: the dataset has no source")
+  labels = [s.label for s in sources]
+  if len(set(labels)) < len(labels):
+    raise ValueError(f"config.data.sources have the same name twice in {labels}; give them "
+                     "distinct 'name's (the per-source metrics are keyed by name)")
   values["sources"] = sources
   return Settings(**values)
 
@@ -138,15 +144,24 @@ def _source_spec(i: int, entry: Mapping[str, Any]) -> SourceSpec:
   if bad_fields:
     raise ValueError(f"{where}.fields has unknown keys {bad_fields}; "
                      f"expected some of {list(FIELDS)}")
+  fields = {f: fields.get(f, f) for f in FIELDS}
   if "records" in entry:
-    return SourceSpec("memory", (), tuple(entry["records"]), float(weight),
-                      {f: fields.get(f, f) for f in FIELDS})
+    return SourceSpec("memory", (), tuple(entry["records"]), float(weight), fields,
+                      _label(where, entry, f"memory{i}"))
   paths = _expand(where, entry["path"])
   kind = entry.get("kind", "auto")
   if kind == "auto":
     kind = infer_kind(where, paths)
   _check_choice(f"sources[{i}].kind", kind, KINDS[:-1])
-  return SourceSpec(kind, paths, (), float(weight), {f: fields.get(f, f) for f in FIELDS})
+  default = os.path.splitext(os.path.basename(paths[0]))[0] + ("*" if len(paths) > 1 else "")
+  return SourceSpec(kind, paths, (), float(weight), fields, _label(where, entry, default))
+
+
+def _label(where: str, entry: Mapping[str, Any], default: str) -> str:
+  name = entry.get("name", default)
+  if not isinstance(name, str) or not name or "/" in name:
+    raise ValueError(f"{where}.name must be a non-empty string without '/', got {name!r}")
+  return name
 
 
 def _expand(where: str, path: str | Sequence[str]) -> tuple[str, ...]:
