@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AxisType
 
@@ -161,7 +162,8 @@ def test_bad_text_file_paragraph_names_its_first_line(tmp_path, tok):
   ([], {}, "config.data.sources is empty"),
   ([{"path": "/nonexistent/*.jsonl"}], {}, "no file matches"),
   ([{"records": []}], {}, r"sources\[0\] \(<memory>\) has no records"),
-  ([{"path": str(CORPUS), "kind": "parquet"}], {}, "kind must be one of"),
+  ([{"path": str(CORPUS), "kind": "csv"}], {}, "kind must be one of"),
+  ([{"path": str(CORPUS), "kind": "parquet"}], {}, "tokenizer_corpus.txt: not a Parquet file"),
   ([{"path": "x", "records": []}], {}, "exactly one of 'path' or 'records'"),
   ([{"records": ["a"], "weight": 0}], {}, "weight must be a positive number"),
   ([{"records": ["a"], "fields": {"txt": "body"}}], {}, r"fields has unknown keys \['txt'\]"),
@@ -230,3 +232,74 @@ def test_shipped_sets_are_valid(tok, name, fmt, count):
   else:
     weights = "loss_weights" if fmt == "chat" else "chosen_loss_weights"
     assert all((b[weights].sum(axis=1) > 0).all() for b in batches)
+
+
+# --- Parquet ------------------------------------------------------------------------------
+
+
+def write_parquet(path: Path, rows, row_group_size: int) -> Path:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+  return path
+
+
+def test_parquet_rows_read_by_row_groups_match_jsonl(tmp_path, tok):
+  texts = [f"document number {k} says {'la ' * (k % 4)}hi" for k in range(23)]
+  rows_ = [{"body": t, "url": f"u{k}"} for k, t in enumerate(texts)]
+  write_parquet(tmp_path / "a.parquet", rows_[:17], row_group_size=5)  # Groups 5, 5, 5, 2.
+  write_parquet(tmp_path / "b.parquet", rows_[17:], row_group_size=4)
+  write_lines(tmp_path / "all.jsonl", [json.dumps(r) for r in rows_])
+  fields = {"text": "body"}
+  parquet = config([{"path": str(tmp_path / "*.parquet"), "fields": fields}], shuffle=True,
+                   num_epochs=2, batch_size=2)
+  jsonl = config([{"path": str(tmp_path / "all.jsonl"), "fields": fields}], shuffle=True,
+                 num_epochs=2, batch_size=2)
+  for process in range(2):  # Per-host shares, as for any other source.
+    want = documents(jsonl, tok, process_index=process, process_count=2)
+    assert documents(parquet, tok, process_index=process, process_count=2) == want
+    assert len(want) == 23 and not set(want) - set(texts)
+  assert documents(parquet, tok) == documents(jsonl, tok)
+
+
+def documents(c, tok, **kwargs):
+  """The decoded documents of this process's share."""
+  return [tok.decode(r[s > 0], skip_control=True) for b in make_dataset(c, tok, **kwargs)
+          for r, s in zip(b["tokens"], b["segment_ids"])]
+
+
+def test_parquet_bad_row_names_file_and_row(tmp_path, tok):
+  path = write_parquet(tmp_path / "a.parquet",
+                       [{"text": "fine"}] * 7 + [{"text": None}] + [{"text": "ok"}] * 3, 4)
+  with pytest.raises(BadRecordError, match=rf"^{path}\[row 7\]: field 'text' must be str"):
+    rows(config([{"path": str(path)}]), tok)
+  c = config([{"path": str(tmp_path / "a.parquet")}], skip_bad_records=True)
+  assert len(rows(c, tok)) == 10
+
+
+def test_parquet_chat_preference_and_rl_columns(tmp_path, tok):
+  chat = [{"conv": [{"role": "user", "content": f"Hi {k}"},
+                    {"role": "model", "content": f"Hello {k}."}]} for k in range(6)]
+  pairs = [{"prompt": f"Say {k}", "chosen": f"{k}", "rejected": "no", "id": k}
+           for k in range(6)]
+  for fmt, records, fields in (("chat", chat, {"messages": "conv"}),
+                               ("preference", pairs, {}), ("rl", pairs, {})):
+    path = write_parquet(tmp_path / f"{fmt}.parquet", records, row_group_size=4)
+    kw = dict(format=fmt, seq_len=32, batch_size=2, packing="none" if fmt != "rl" else "concat")
+    want = list(make_dataset(config([{"records": records, "fields": fields}], **kw), tok))
+    got = list(make_dataset(config([{"path": str(path), "fields": fields}], **kw), tok))
+    assert len(got) == len(want) == 3
+    for w, g in zip(want, got):
+      assert set(w) == set(g)
+      for key in w:
+        if key == "reference":
+          assert g[key] == w[key]
+        else:
+          np.testing.assert_array_equal(g[key], w[key], err_msg=f"{fmt} {key}")
+  assert got[0]["reference"][0] == {"chosen": "0", "rejected": "no", "id": 0}  # rl: all columns
+
+
+def test_parquet_without_the_configured_columns_refused(tmp_path, tok):
+  path = write_parquet(tmp_path / "a.parquet", [{"body": "x"}], 1)
+  with pytest.raises(ValueError, match=r"none of the columns .* is in the file; it has \['body'\]"):
+    rows(config([{"path": str(path)}]), tok)

@@ -13,13 +13,14 @@ from ml_collections import config_dict
 
 FORMATS = ("pretrain", "chat", "preference", "rl")
 PACKINGS = ("concat", "first_fit", "none")
-KINDS = ("jsonl", "text", "array_record", "memory")
+KINDS = ("jsonl", "text", "array_record", "parquet", "memory")
 RL_PADDINGS = ("left", "right")
 # Canonical record fields; a source's `fields` maps them to the names its records use.
 FIELDS = ("text", "tokens", "messages", "prompt", "chosen", "rejected")
 _SOURCE_KEYS = ("path", "kind", "weight", "fields", "records", "name")
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
-                 ".array_record": "array_record", ".arrayrecord": "array_record"}
+                 ".array_record": "array_record", ".arrayrecord": "array_record",
+                 ".parquet": "parquet"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -30,7 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
   # name (in the per-source metrics; default: the first file's stem, or memoryK)};
   # in-memory sources give `records` (a list of dicts or strings) instead of `path`.
   # jsonl: one JSON object per line; text: one document per blank-line separated paragraph;
-  # array_record: UTF-8 JSON records (python -m gemma_jax.data.to_array_record).
+  # array_record: UTF-8 JSON records (python -m gemma_jax.data.to_array_record);
+  # parquet: one record per row, read by row groups (columns as fields; see data/parquet.py).
   c.sources = []
   c.format = "pretrain"        # pretrain | chat | preference | rl
   c.seq_len = 1024             # row length (rl: the prompt buffer length)

@@ -168,7 +168,7 @@ def _records(settings: Settings, process_index: int,
   repeated stream, record) triples, its records per epoch, and each source's size."""
   datasets, sizes = [], []
   for i, spec in enumerate(settings.sources):
-    source = open_source(spec, i)
+    source = open_source(spec, i, all_columns=settings.format == "rl")
     sizes.append(len(source))
     ds = grain.MapDataset.source(source)
     if settings.shuffle:

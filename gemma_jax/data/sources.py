@@ -1,7 +1,7 @@
 """Random-access record sources and their parsing into `Record` (or `Bad`, naming the origin).
 
 A source maps an index to `(origin, payload)`: origin is "path:line" for JSONL and text files,
-"path[record i]" for ArrayRecord and "<memory source k>[i]" for in-memory lists. Parsing runs
+"path[record i]" for ArrayRecord, "path[row i]" for Parquet and "<memory source k>[i]" for in-memory lists. Parsing runs
 later, in the grain map (so in worker processes when there are any), never at indexing time.
 """
 
@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from gemma_jax.data.config import SourceSpec
+from gemma_jax.data.parquet import ParquetSource
 
 _WHITESPACE = np.frombuffer(b" \t\r\n\x0b\x0c", np.uint8)
 
@@ -111,10 +112,16 @@ class ArrayRecordSource:
     return f"{self._paths[k]}[record {j}]", self._sources[k][j]
 
 
-def open_source(spec: SourceSpec, index: int) -> Sequence[tuple[str, Any]]:
-  """The (origin, payload) sequence of one configured source; refuses an empty one."""
+def open_source(spec: SourceSpec, index: int,
+                all_columns: bool = False) -> Sequence[tuple[str, Any]]:
+  """The (origin, payload) sequence of one configured source; refuses an empty one.
+
+  Parquet sources read only the columns `spec.fields` names, or all with `all_columns` (rl
+  records keep their other fields as the reference)."""
   if spec.kind == "memory":
     source = [(f"<memory source {index}>[{i}]", r) for i, r in enumerate(spec.records)]
+  elif spec.kind == "parquet":
+    source = ParquetSource(spec.paths, None if all_columns else list(spec.fields.values()))
   elif spec.kind == "array_record":
     source = ArrayRecordSource(spec.paths)
   else:
@@ -125,9 +132,10 @@ def open_source(spec: SourceSpec, index: int) -> Sequence[tuple[str, Any]]:
 
 
 def parse(item: tuple[str, Any], kind: str, fields: Mapping[str, str]) -> Record | Bad:
-  """Decodes a payload: JSON for jsonl / array_record, text as is, memory objects as given."""
+  """Decodes a payload: JSON for jsonl / array_record, text as is, memory objects and Parquet
+  rows as given."""
   origin, payload = item
-  if kind == "memory":
+  if kind in ("memory", "parquet"):
     return Record(origin, payload, fields)
   try:
     text = payload.decode("utf-8")
