@@ -303,3 +303,72 @@ def test_parquet_without_the_configured_columns_refused(tmp_path, tok):
   path = write_parquet(tmp_path / "a.parquet", [{"body": "x"}], 1)
   with pytest.raises(ValueError, match=r"none of the columns .* is in the file; it has \['body'\]"):
     rows(config([{"path": str(path)}]), tok)
+
+
+# --- long documents -----------------------------------------------------------------------
+
+
+def piece_rows(c, tok):
+  """Each row's token ids (one piece per row with packing none and a roomy seq_len)."""
+  return [r[s > 0].tolist() for b in make_dataset(c, tok)
+          for r, s in zip(b["tokens"], b["segment_ids"])]
+
+
+@pytest.mark.parametrize("word", ["bread and water ", "é"])  # "é" * n: no whitespace to cut at
+def test_long_paragraph_read_in_bounded_pieces(tmp_path, tok, word):
+  long = (word * (3000 // len(word.encode())))[:1500].strip()
+  path = tmp_path / "a.txt"
+  path.write_text(f"short one\n\n{long}\n\nlast\n")
+  c = config([{"path": str(path)}], seq_len=400, piece_bytes=256)
+  out = piece_rows(c, tok)
+  pieces = out[1:-1]
+  assert len(pieces) >= len(long.encode()) // 256 + 1
+  assert [tok.decode(out[k], skip_control=True) for k in (0, -1)] == ["short one", "last"]
+  assert pieces[0][0] == tok.bos_id and pieces[-1][-1] == tok.eos_id
+  inner = [i for p in pieces for i in (p[:1] + p[-1:])][1:-1]
+  assert tok.bos_id not in inner and tok.eos_id not in inner  # Only at the document's ends.
+  assert "".join(tok.decode(p, skip_control=True) for p in pieces) == long
+  assert all(len(tok.decode(p, skip_control=True).encode()) <= 256 for p in pieces)
+  c.piece_bytes = 1 << 16  # One piece: the whole paragraph, as before.
+  whole = piece_rows(c, tok)[1:-1]  # Rows of seq_len: one piece, split by the packer.
+  assert whole[0][0] == tok.bos_id and whole[-1][-1] == tok.eos_id
+  assert tok.decode([i for r in whole for i in r], skip_control=True) == long
+
+
+def test_bad_piece_names_its_byte_range(tmp_path, tok):
+  path = tmp_path / "a.txt"
+  path.write_bytes(b"ok\n\n" + b"word " * 100 + b"\xff" + b" word" * 100 + b"\n")
+  with pytest.raises(BadRecordError, match=rf"^{path}:3 \(bytes \d+-\d+\): not valid UTF-8"):
+    piece_rows(config([{"path": str(path)}], seq_len=400, piece_bytes=256), tok)
+
+
+class SlowTokenizer:
+  """The tokenizer, with every encode taking `delay` seconds."""
+
+  def __init__(self, tok, delay):
+    self._tok, self._delay = tok, delay
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+  def encode(self, *args, **kwargs):
+    import time
+    time.sleep(self._delay)
+    return self._tok.encode(*args, **kwargs)
+
+
+def test_slow_first_batch_logs_progress(tok, caplog, monkeypatch):
+  from gemma_jax.data import pipeline
+  monkeypatch.setattr(pipeline, "_FIRST_BATCH_PATIENCE_S", 0.1)
+  c = config([{"records": ["one", "two", "three", "four"]}], batch_size=8, num_epochs=None,
+             seq_len=8, packing="concat")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  it = make_iterator(c, SlowTokenizer(tok, 0.01), mesh)  # A group of 64 records: > 0.6 s.
+  with caplog.at_level("WARNING", logger=pipeline.__name__):
+    next(it)
+  lines = [r.getMessage() for r in caplog.records if "first batch" in r.getMessage()]
+  assert lines and lines[0].startswith("data: waiting 0 s for the first batch")
+  caplog.clear()
+  with caplog.at_level("WARNING", logger=pipeline.__name__):
+    next(it)
+  assert not caplog.records  # Only the first batch is reported.

@@ -40,6 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.packing = "concat"         # concat (cut across rows) | first_fit | none (one per row)
   c.packing_bins = 64          # first_fit: rows filled at once (more bins, less padding)
   c.truncate_long = False      # over seq_len: truncate, else split (a pair: a bad record)
+  # text sources: a paragraph longer than this many bytes is read, tokenized and packed as
+  # pieces of at most this size cut at whitespace (each its own segment), so memory and the
+  # time to a batch do not grow with a document's size.
+  c.piece_bytes = 1 << 16
   c.shuffle = True             # reshuffled every epoch
   c.seed = 0
   # None repeats forever; with several sources, each repeats this often and the mix ends
@@ -78,6 +82,7 @@ class Settings:
   packing: str
   packing_bins: int
   truncate_long: bool
+  piece_bytes: int
   shuffle: bool
   seed: int
   num_epochs: int | None
@@ -98,7 +103,7 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Setti
   _check_choice("packing", values["packing"], PACKINGS)
   _check_choice("rl_padding", values["rl_padding"], RL_PADDINGS)
   for key, low in (("seq_len", 2), ("batch_size", 1), ("packing_bins", 1), ("worker_count", 0),
-                   ("seed", 0)):
+                   ("seed", 0), ("piece_bytes", 64)):
     if not isinstance(values[key], int) or values[key] < low:
       raise ValueError(f"config.data.{key} must be an int >= {low}, got {values[key]!r}")
   if values["num_epochs"] is not None and values["num_epochs"] < 1:

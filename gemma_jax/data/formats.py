@@ -5,7 +5,9 @@ Each segment is a dict of 1-D numpy arrays. For pretrain and chat: `tokens` (int
 position that predicts it). Preference segments hold the same pair of arrays with `chosen_`
 and `rejected_` prefixes. RL segments are finished prompt rows (see `pipeline`).
 
-- pretrain: BOS + text (or pre-tokenized `tokens`) + EOS; every token but BOS is a target.
+- pretrain: BOS + text (or pre-tokenized `tokens`) + EOS; every token but BOS is a target. A
+  piece of a long text document (see `sources.TextFileSource`) has BOS only if it starts the
+  document and EOS only if it ends it; its first token is not a target.
 - chat: the Gemma template over `messages`; targets are the tokens of model turns including
   their <end_of_turn>. A model turn is encoded as its header "<start_of_turn>model\\n" and its
   content separately, the token boundary a sampler sees after the generation prompt.
@@ -62,9 +64,12 @@ class Formatter:
     else:
       text = _get(record, "text", str)
       if not text.strip():
+        if not (record.starts and record.ends):
+          return []  # A blank piece of a long document: nothing to train on, nothing wrong.
         raise _Invalid(f"empty document (field {text_field!r})")
       ids = self._tok.encode(text)
-    tokens = [self._tok.bos_id, *ids, self._tok.eos_id]
+    # A piece of a long document has BOS only if it starts it, EOS only if it ends it.
+    tokens = [self._tok.bos_id] * record.starts + ids + [self._tok.eos_id] * record.ends
     return self._fit(tokens, [0.0] + [1.0] * (len(tokens) - 1))
 
   def _chat(self, record: Record) -> list[Segment]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +30,9 @@ from gemma_jax.data.sources import Bad, open_source, parse
 from gemma_jax.sharding import LOGICAL_RULES, batch_axes
 from gemma_jax.tokenizer import Tokenizer
 
+# The first batch waits on shuffling indices, opening files and formatting a group of records:
+# past this many seconds (and as often again) a line says that it is still coming.
+_FIRST_BATCH_PATIENCE_S = 10.0
 _LOGGED_SKIPS = 10  # Skipped records logged one by one per iterator; the rest only counted.
 _PAIR = ("chosen_", "rejected_")
 # Records are formatted in groups, so a worker process sends one message per group, not per
@@ -78,9 +83,16 @@ class DataIterator(grain.DatasetIterator):
     self._batch_size = batch_size
     self._skips = skips
     self._process = (process_index, process_count)
+    self._waited = 0.0  # None once a batch came: only the first is reported when slow.
 
   def __next__(self) -> dict[str, Any]:
-    return {key: self._global(value) for key, value in next(self._parent).items()}
+    if self._waited is None:
+      local = next(self._parent)
+    else:
+      with _Waiting(self._skips):
+        local = next(self._parent)
+      self._waited = None
+    return {key: self._global(value) for key, value in local.items()}
 
   def get_state(self) -> dict[str, Any]:
     return self._parent.get_state()
@@ -110,6 +122,31 @@ class DataIterator(grain.DatasetIterator):
       return value  # RL reference fields stay host-local Python objects.
     shape = (self._batch_size, *value.shape[1:])
     return jax.make_array_from_process_local_data(self._sharding, value, shape)
+
+
+class _Waiting:
+  """While the block runs, a log line every _FIRST_BATCH_PATIENCE_S seconds saying how long
+  it has waited and what has been read so far (a slow first batch never stalls silently)."""
+
+  def __init__(self, counts: _Counts):
+    self._counts = counts
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._report, daemon=True)
+
+  def __enter__(self) -> None:
+    self._start = time.perf_counter()
+    self._thread.start()
+
+  def __exit__(self, *exc) -> None:
+    self._done.set()
+    self._thread.join()
+
+  def _report(self) -> None:
+    while not self._done.wait(_FIRST_BATCH_PATIENCE_S):
+      tokens = sum(self._counts.tokens)
+      log.warning("data: waiting %.0f s for the first batch; %d tokens packed so far (the "
+                  "first group of %d records is being read and tokenized)",
+                  time.perf_counter() - self._start, tokens, _GROUP)
 
 
 def _batch_sharding(mesh: Mesh, settings: Settings, process_count: int) -> NamedSharding:
@@ -168,7 +205,8 @@ def _records(settings: Settings, process_index: int,
   repeated stream, record) triples, its records per epoch, and each source's size."""
   datasets, sizes = [], []
   for i, spec in enumerate(settings.sources):
-    source = open_source(spec, i, all_columns=settings.format == "rl")
+    source = open_source(spec, i, all_columns=settings.format == "rl",
+                         piece_bytes=settings.piece_bytes)
     sizes.append(len(source))
     ds = grain.MapDataset.source(source)
     if settings.shuffle:

@@ -26,10 +26,12 @@ _WHITESPACE = np.frombuffer(b" \t\r\n\x0b\x0c", np.uint8)
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """A parsed record: a JSON value, or a plain-text document (str)."""
+  """A parsed record: a JSON value, or a plain-text document (str) or piece of one."""
   origin: str
   data: Any
   fields: Mapping[str, str]  # canonical field -> name used by this source
+  starts: bool = True  # The record starts its document (False: a later piece of a long one).
+  ends: bool = True  # The record ends its document.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,23 +45,29 @@ class TextFileSource:
   """Non-blank lines (`unit="line"`) or blank-line separated paragraphs of text files.
 
   The files are scanned once for record offsets; records are read on demand with pread, so
-  the source pickles small and is safe to share between threads.
+  the source pickles small and is safe to share between threads. With `piece_bytes`,
+  paragraphs longer than that are records of at most that many bytes, cut at whitespace, so
+  reading and tokenizing one costs the same whatever the document's size.
   """
 
-  def __init__(self, paths: Sequence[str], unit: str):
+  def __init__(self, paths: Sequence[str], unit: str, piece_bytes: int | None = None):
     self._paths = tuple(paths)
-    parts = [_index_file(path, unit) for path in self._paths]
+    parts = [_pieces(*_index_file(path, unit), path, piece_bytes) for path in self._paths]
     self._file = np.concatenate([np.full(len(p[0]), k, np.int32) for k, p in enumerate(parts)])
-    self._start, self._end, self._line = (np.concatenate(a) for a in zip(*parts))
+    self._start, self._end, self._line, self._edges = (np.concatenate(a) for a in zip(*parts))
     self._fds: dict[int, int] = {}
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self._file)
 
-  def __getitem__(self, i: int) -> tuple[str, bytes]:
+  def __getitem__(self, i: int) -> tuple[str, bytes] | tuple[str, bytes, bool, bool]:
     k, start, end = int(self._file[i]), int(self._start[i]), int(self._end[i])
-    return f"{self._paths[k]}:{self._line[i]}", os.pread(self._fd(k), end - start, start)
+    origin, payload = f"{self._paths[k]}:{self._line[i]}", os.pread(self._fd(k), end - start, start)
+    edges = int(self._edges[i])
+    if edges == _WHOLE:
+      return origin, payload
+    return f"{origin} (bytes {start}-{end})", payload, bool(edges & _STARTS), bool(edges & _ENDS)
 
   def _fd(self, k: int) -> int:
     with self._lock:
@@ -80,19 +88,68 @@ class TextFileSource:
 
 
 def _index_file(path: str, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Byte ranges [start, end) and 1-based first line numbers of the file's records."""
-  data = np.fromfile(path, np.uint8)
+  """Byte ranges [start, end) and 1-based first line numbers of the file's records.
+
+  Works on a memory map with one byte of scratch per byte of file, so indexing a large file
+  costs about its size, whatever its line lengths."""
+  data = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
   newlines = np.flatnonzero(data == ord("\n"))
   starts = np.concatenate(([0], newlines + 1))
   ends = np.concatenate((newlines, [data.size]))
-  visible = np.concatenate(([0], np.cumsum(~np.isin(data, _WHITESPACE))))
-  blank = visible[ends] == visible[starts]
+  # Each line with its newline, plus an always-blank sentinel for a final empty line.
+  visible = np.append(~np.isin(data, _WHITESPACE), False)
+  blank = ~np.logical_or.reduceat(visible, starts)
+  del visible
   lines = np.arange(1, len(starts) + 1)
   if unit == "line":
     return starts[~blank], ends[~blank], lines[~blank]
   first = ~blank & np.concatenate(([True], blank[:-1]))
   last = ~blank & np.concatenate((blank[1:], [True]))
   return starts[first], ends[last], lines[first]
+
+
+_STARTS, _ENDS = 1, 2
+_WHOLE = _STARTS | _ENDS
+
+
+def _pieces(starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, path: str,
+            piece_bytes: int | None) -> tuple[np.ndarray, ...]:
+  """The records' byte ranges with every one over `piece_bytes` cut into pieces, each cut
+  after the last whitespace in the piece's second half (else at a UTF-8 character start),
+  and per range whether it starts / ends its document (_STARTS | _ENDS bits)."""
+  edges = np.full(len(starts), _WHOLE, np.int8)
+  long = np.flatnonzero(ends - starts > piece_bytes) if piece_bytes else []
+  if not len(long):
+    return starts, ends, lines, edges
+  data = np.memmap(path, np.uint8, mode="r")
+  columns = (starts, ends, lines, edges)
+  out, done = [], 0  # Runs of whole records, each long record's pieces between them.
+  for i in map(int, long):
+    out.append(tuple(c[done:i] for c in columns))
+    bounds = [int(starts[i]), *_cuts(data, int(starts[i]), int(ends[i]), piece_bytes),
+              int(ends[i])]
+    n = len(bounds) - 1
+    flags = np.zeros(n, np.int8)
+    flags[0] |= _STARTS
+    flags[-1] |= _ENDS
+    out.append((np.asarray(bounds[:-1], starts.dtype), np.asarray(bounds[1:], ends.dtype),
+                np.full(n, lines[i], lines.dtype), flags))
+    done = i + 1
+  out.append(tuple(c[done:] for c in columns))
+  return tuple(np.concatenate(parts) for parts in zip(*out))
+
+
+def _cuts(data: np.ndarray, start: int, end: int, piece_bytes: int) -> list[int]:
+  cuts = []
+  while end - start > piece_bytes:
+    half = start + piece_bytes // 2
+    space = np.flatnonzero(np.isin(data[half:start + piece_bytes], _WHITESPACE))
+    cut = half + int(space[-1]) + 1 if space.size else start + piece_bytes
+    while data[cut] & 0xC0 == 0x80:  # Not inside a UTF-8 character.
+      cut -= 1
+    cuts.append(cut)
+    start = cut
+  return cuts
 
 
 class ArrayRecordSource:
@@ -112,12 +169,13 @@ class ArrayRecordSource:
     return f"{self._paths[k]}[record {j}]", self._sources[k][j]
 
 
-def open_source(spec: SourceSpec, index: int,
-                all_columns: bool = False) -> Sequence[tuple[str, Any]]:
+def open_source(spec: SourceSpec, index: int, all_columns: bool = False,
+                piece_bytes: int | None = None) -> Sequence[tuple[str, Any]]:
   """The (origin, payload) sequence of one configured source; refuses an empty one.
 
   Parquet sources read only the columns `spec.fields` names, or all with `all_columns` (rl
-  records keep their other fields as the reference)."""
+  records keep their other fields as the reference); text sources cut paragraphs longer than
+  `piece_bytes` into pieces."""
   if spec.kind == "memory":
     source = [(f"<memory source {index}>[{i}]", r) for i, r in enumerate(spec.records)]
   elif spec.kind == "parquet":
@@ -125,7 +183,9 @@ def open_source(spec: SourceSpec, index: int,
   elif spec.kind == "array_record":
     source = ArrayRecordSource(spec.paths)
   else:
-    source = TextFileSource(spec.paths, "line" if spec.kind == "jsonl" else "paragraph")
+    text = spec.kind == "text"  # JSON records cannot be cut before they are parsed.
+    source = TextFileSource(spec.paths, "paragraph" if text else "line",
+                            piece_bytes if text else None)
   if not len(source):
     raise ValueError(f"config.data.sources[{index}] ({spec.name}) has no records")
   return source
@@ -134,7 +194,7 @@ def open_source(spec: SourceSpec, index: int,
 def parse(item: tuple[str, Any], kind: str, fields: Mapping[str, str]) -> Record | Bad:
   """Decodes a payload: JSON for jsonl / array_record, text as is, memory objects and Parquet
   rows as given."""
-  origin, payload = item
+  origin, payload, *edges = item
   if kind in ("memory", "parquet"):
     return Record(origin, payload, fields)
   try:
@@ -142,7 +202,7 @@ def parse(item: tuple[str, Any], kind: str, fields: Mapping[str, str]) -> Record
   except UnicodeDecodeError as e:
     return Bad(origin, f"not valid UTF-8 ({e.reason} at byte {e.start})")
   if kind == "text":
-    return Record(origin, text, fields)
+    return Record(origin, text, fields, *edges)
   try:
     return Record(origin, json.loads(text), fields)
   except json.JSONDecodeError as e:
