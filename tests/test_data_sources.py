@@ -13,6 +13,7 @@ from jax.sharding import AxisType
 
 from gemma_jax.data import BadRecordError, default_config, make_dataset, make_iterator
 from gemma_jax.data.to_array_record import convert
+from gemma_jax.tokenizer import train_sentencepiece
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "tokenizer_corpus.txt"
@@ -372,3 +373,54 @@ def test_slow_first_batch_logs_progress(tok, caplog, monkeypatch):
   with caplog.at_level("WARNING", logger=pipeline.__name__):
     next(it)
   assert not caplog.records  # Only the first batch is reported.
+
+
+# --- pre-tokenized shards -----------------------------------------------------------------
+
+
+def test_pretokenized_shards_give_the_batches_of_the_text(tmp_path, tok):
+  from gemma_jax.data.pretokenize import pretokenize
+  path = tmp_path / "corpus.txt"
+  path.write_text(CORPUS.read_text() + "\n\n" + "a long one, " * 200 + "\n")
+  model = tmp_path / "tokenizer.model"
+  model.write_bytes(tok._sp.serialized_model_proto())
+  manifest = pretokenize([str(path)], str(model), str(tmp_path / "shards"), shard_tokens=500)
+  assert len(manifest["shards"]) > 2 and manifest["tokenizer"]["sha256"] == tok.fingerprint
+  assert sum(s["documents"] for s in manifest["shards"]) == 44
+  kw = dict(seq_len=64, batch_size=4, packing="concat", shuffle=True, num_epochs=2)
+  want = list(make_dataset(config([{"path": str(path)}], **kw), tok))
+  got = list(make_dataset(config([{"path": str(tmp_path / "shards")}], **kw), tok))
+  assert len(got) == len(want) > 10
+  for w, g in zip(want, got):
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+def test_pretokenized_shards_refuse_another_tokenizer(tmp_path, tok):
+  from gemma_jax.data.pretokenize import pretokenize
+  from gemma_jax.tokenizer import Tokenizer
+  model = tmp_path / "tokenizer.model"
+  model.write_bytes(tok._sp.serialized_model_proto())
+  pretokenize([str(CORPUS)], str(model), str(tmp_path / "shards"))
+  other = Tokenizer(train_sentencepiece(CORPUS, tmp_path / "other", 600))
+  with pytest.raises(ValueError, match=r"shards was tokenized with another tokenizer \(.*"
+                                       r"tokenizer.model, vocab 1000"):
+    make_dataset(config([{"path": str(tmp_path / "shards")}]), other)
+
+
+def test_pretokenize_cli_progress_and_bad_record(tmp_path, tok, capsys):
+  from gemma_jax.data.pretokenize import main
+  model = tmp_path / "tokenizer.model"
+  model.write_bytes(tok._sp.serialized_model_proto())
+  good = write_lines(tmp_path / "a.jsonl", ['{"body": "one"}', '{"body": "two"}'])
+  args = ["--tokenizer", str(model), "--field", "body", "--output"]
+  assert main([str(good), *args, str(tmp_path / "ok")]) == 0
+  out = capsys.readouterr()
+  assert "[####################] 2/2 records" in out.err and "wrote 2 documents" in out.out
+  bad = write_lines(tmp_path / "b.jsonl", ['{"body": "one"}', '{"text": "two"}'])
+  result = subprocess.run([sys.executable, "-m", "gemma_jax.data.pretokenize", str(bad), *args,
+                           str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[-1] == (
+    f"error: {bad}:2: field 'body' must be a string, got NoneType")
+  assert not (tmp_path / "bad" / "manifest.json").exists()

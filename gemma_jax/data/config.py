@@ -11,9 +11,11 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from gemma_jax.data.token_shards import MANIFEST
+
 FORMATS = ("pretrain", "chat", "preference", "rl")
 PACKINGS = ("concat", "first_fit", "none")
-KINDS = ("jsonl", "text", "array_record", "parquet", "memory")
+KINDS = ("jsonl", "text", "array_record", "parquet", "tokens", "memory")
 RL_PADDINGS = ("left", "right")
 # Canonical record fields; a source's `fields` maps them to the names its records use.
 FIELDS = ("text", "tokens", "messages", "prompt", "chosen", "rejected")
@@ -32,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   # in-memory sources give `records` (a list of dicts or strings) instead of `path`.
   # jsonl: one JSON object per line; text: one document per blank-line separated paragraph;
   # array_record: UTF-8 JSON records (python -m gemma_jax.data.to_array_record);
-  # parquet: one record per row, read by row groups (columns as fields; see data/parquet.py).
+  # parquet: one record per row, read by row groups (columns as fields; see data/parquet.py);
+  # tokens: directories written by python -m gemma_jax.data.pretokenize (no tokenizing).
   c.sources = []
   c.format = "pretrain"        # pretrain | chat | preference | rl
   c.seq_len = 1024             # row length (rl: the prompt buffer length)
@@ -184,8 +187,9 @@ def _expand(where: str, path: str | Sequence[str]) -> tuple[str, ...]:
 
 def infer_kind(where: str, paths: Sequence[str]) -> str:
   """The one source kind that the suffixes of `paths` imply."""
-  kinds = {_SUFFIX_KINDS.get(os.path.splitext(p)[1].lower()) for p in paths}
+  kinds = {"tokens" if os.path.isfile(os.path.join(p, MANIFEST)) else
+           _SUFFIX_KINDS.get(os.path.splitext(p)[1].lower()) for p in paths}
   if len(kinds) != 1 or None in kinds:
     raise ValueError(f"{where}: cannot infer the kind of {list(paths)} from the suffixes "
-                     f"{sorted(_SUFFIX_KINDS)}; set 'kind' to one of {list(KINDS[:-1])}")
+                     f"{sorted(_SUFFIX_KINDS)} (or a directory's {MANIFEST}); set 'kind' to one of {list(KINDS[:-1])}")
   return kinds.pop()

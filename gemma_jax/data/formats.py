@@ -150,6 +150,8 @@ class Formatter:
       raise _Invalid(f"field {field!r}: {e}") from None
 
   def _token_ids(self, ids: Any, field: str) -> list[int]:
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+      return self._checked_array(ids, field)  # Token shards: checked at NumPy speed.
     if not isinstance(ids, list) or not all(
         isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
       raise _Invalid(f"field {field!r} must be a list of ints")
@@ -160,6 +162,15 @@ class Formatter:
     if bad is not None:
       raise _Invalid(f"token id {bad} in field {field!r} is out of range [0, {vocab})")
     return ids
+
+  def _checked_array(self, ids: np.ndarray, field: str) -> list[int]:
+    if not ids.size:
+      raise _Invalid(f"empty document (field {field!r})")
+    out_of_range = (ids < 0) | (ids >= self._tok.vocab_size)
+    if out_of_range.any():
+      raise _Invalid(f"token id {ids[out_of_range][0]} in field {field!r} is out of range "
+                     f"[0, {self._tok.vocab_size})")
+    return ids.tolist()
 
   def _fit(self, tokens: list[int], weights: list[float]) -> list[Segment]:
     """One segment, or several of at most seq_len tokens, per the packing settings."""

@@ -179,7 +179,7 @@ def _local_dataset(settings: Settings, tokenizer: Tokenizer, process_index: int,
   if settings.batch_size % process_count:
     raise ValueError(f"config.data.batch_size={settings.batch_size} is not divisible by the "
                      f"process count {process_count}")
-  records, epoch, sizes = _records(settings, process_index, process_count)
+  records, epoch, sizes = _records(settings, tokenizer, process_index, process_count)
   groups = records.batch(_GROUP, batch_fn=list)
   ds = groups.map(functools.partial(_format_group, Formatter(tokenizer, settings)))
   ds = ds.to_iter_dataset(_READ_OPTIONS)
@@ -199,14 +199,14 @@ def _local_dataset(settings: Settings, tokenizer: Tokenizer, process_index: int,
   return ds.map(functools.partial(_finalize, prefixes=prefixes)), skips
 
 
-def _records(settings: Settings, process_index: int,
+def _records(settings: Settings, tokenizer: Tokenizer, process_index: int,
              process_count: int) -> tuple[grain.MapDataset, int, list[int]]:
   """This process's share of the mixed record stream as (source, position in the source's
   repeated stream, record) triples, its records per epoch, and each source's size."""
   datasets, sizes = [], []
   for i, spec in enumerate(settings.sources):
     source = open_source(spec, i, all_columns=settings.format == "rl",
-                         piece_bytes=settings.piece_bytes)
+                         piece_bytes=settings.piece_bytes, tokenizer=tokenizer)
     sizes.append(len(source))
     ds = grain.MapDataset.source(source)
     if settings.shuffle:

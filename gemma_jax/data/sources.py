@@ -20,6 +20,8 @@ import numpy as np
 
 from gemma_jax.data.config import SourceSpec
 from gemma_jax.data.parquet import ParquetSource
+from gemma_jax.data.token_shards import TokenShardSource
+from gemma_jax.tokenizer import Tokenizer
 
 _WHITESPACE = np.frombuffer(b" \t\r\n\x0b\x0c", np.uint8)
 
@@ -170,14 +172,19 @@ class ArrayRecordSource:
 
 
 def open_source(spec: SourceSpec, index: int, all_columns: bool = False,
-                piece_bytes: int | None = None) -> Sequence[tuple[str, Any]]:
+                piece_bytes: int | None = None,
+                tokenizer: Tokenizer | None = None) -> Sequence[tuple[str, Any]]:
   """The (origin, payload) sequence of one configured source; refuses an empty one.
 
   Parquet sources read only the columns `spec.fields` names, or all with `all_columns` (rl
   records keep their other fields as the reference); text sources cut paragraphs longer than
-  `piece_bytes` into pieces."""
+  `piece_bytes` into pieces; token shards refuse to be read with another `tokenizer` than
+  the one that made them."""
   if spec.kind == "memory":
     source = [(f"<memory source {index}>[{i}]", r) for i, r in enumerate(spec.records)]
+  elif spec.kind == "tokens":
+    source = TokenShardSource(spec.paths, tokenizer and tokenizer.fingerprint,
+                              spec.fields["tokens"])
   elif spec.kind == "parquet":
     source = ParquetSource(spec.paths, None if all_columns else list(spec.fields.values()))
   elif spec.kind == "array_record":
@@ -195,7 +202,7 @@ def parse(item: tuple[str, Any], kind: str, fields: Mapping[str, str]) -> Record
   """Decodes a payload: JSON for jsonl / array_record, text as is, memory objects and Parquet
   rows as given."""
   origin, payload, *edges = item
-  if kind in ("memory", "parquet"):
+  if kind in ("memory", "parquet", "tokens"):
     return Record(origin, payload, fields)
   try:
     text = payload.decode("utf-8")
