@@ -424,3 +424,16 @@ def test_pretokenize_cli_progress_and_bad_record(tmp_path, tok, capsys):
   assert result.stderr.splitlines()[-1] == (
     f"error: {bad}:2: field 'body' must be a string, got NoneType")
   assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 22])
+def test_text_index_read_in_chunks(tmp_path, tok, monkeypatch, chunk):
+  from gemma_jax.data import sources
+  monkeypatch.setattr(sources, "_INDEX_CHUNK", chunk)
+  path = tmp_path / "a.txt"
+  path.write_text("first line\nstill first\n\n  \n\nsecond\r\n\r\nthird\n\n\n x\n")
+  assert rows(config([{"path": str(path)}]), tok) == ["first line\nstill first", "second\r",
+                                                     "third", " x"]
+  source = sources.TextFileSource([str(path)], "line")
+  assert [source[i][0].rsplit(":", 1)[1] for i in range(len(source))] == ["1", "2", "6", "8",
+                                                                          "11"]

@@ -89,19 +89,29 @@ class TextFileSource:
       os.close(fd)
 
 
+_INDEX_CHUNK = 1 << 22  # Bytes read at a time while indexing: memory does not grow with files.
+
+
 def _index_file(path: str, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Byte ranges [start, end) and 1-based first line numbers of the file's records.
 
-  Works on a memory map with one byte of scratch per byte of file, so indexing a large file
-  costs about its size, whatever its line lengths."""
-  data = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
-  newlines = np.flatnonzero(data == ord("\n"))
+  The file is read in chunks; per line only the count of visible bytes before its end is
+  kept, so indexing needs memory for the lines, not for the bytes."""
+  newlines, visible_at, total, size = [], [], 0, os.path.getsize(path)
+  buffer = np.empty(min(_INDEX_CHUNK, max(size, 1)), np.uint8)
+  with open(path, "rb", buffering=0) as f:
+    for offset in range(0, size, len(buffer)):
+      chunk = buffer[:f.readinto(buffer)]
+      visible = np.cumsum(~np.isin(chunk, _WHITESPACE, kind="table"), dtype=np.int32)
+      at = np.flatnonzero(chunk == ord("\n"))
+      newlines.append(at + offset)
+      visible_at.append(visible[at].astype(np.int64) + total)  # A newline is not visible.
+      total += int(visible[-1])
+  newlines = np.concatenate([np.zeros(0, np.int64), *newlines])
+  visible_at = np.concatenate([np.zeros(0, np.int64), *visible_at])
   starts = np.concatenate(([0], newlines + 1))
-  ends = np.concatenate((newlines, [data.size]))
-  # Each line with its newline, plus an always-blank sentinel for a final empty line.
-  visible = np.append(~np.isin(data, _WHITESPACE), False)
-  blank = ~np.logical_or.reduceat(visible, starts)
-  del visible
+  ends = np.concatenate((newlines, [size]))
+  blank = np.append(visible_at, total) == np.concatenate(([0], visible_at))
   lines = np.arange(1, len(starts) + 1)
   if unit == "line":
     return starts[~blank], ends[~blank], lines[~blank]
@@ -123,12 +133,12 @@ def _pieces(starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, path: str,
   long = np.flatnonzero(ends - starts > piece_bytes) if piece_bytes else []
   if not len(long):
     return starts, ends, lines, edges
-  data = np.memmap(path, np.uint8, mode="r")
+  fd = os.open(path, os.O_RDONLY)
   columns = (starts, ends, lines, edges)
   out, done = [], 0  # Runs of whole records, each long record's pieces between them.
   for i in map(int, long):
     out.append(tuple(c[done:i] for c in columns))
-    bounds = [int(starts[i]), *_cuts(data, int(starts[i]), int(ends[i]), piece_bytes),
+    bounds = [int(starts[i]), *_cuts(fd, int(starts[i]), int(ends[i]), piece_bytes),
               int(ends[i])]
     n = len(bounds) - 1
     flags = np.zeros(n, np.int8)
@@ -137,20 +147,22 @@ def _pieces(starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, path: str,
     out.append((np.asarray(bounds[:-1], starts.dtype), np.asarray(bounds[1:], ends.dtype),
                 np.full(n, lines[i], lines.dtype), flags))
     done = i + 1
+  os.close(fd)
   out.append(tuple(c[done:] for c in columns))
   return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
-def _cuts(data: np.ndarray, start: int, end: int, piece_bytes: int) -> list[int]:
+def _cuts(fd: int, start: int, end: int, piece_bytes: int) -> list[int]:
   cuts = []
   while end - start > piece_bytes:
     half = start + piece_bytes // 2
-    space = np.flatnonzero(np.isin(data[half:start + piece_bytes], _WHITESPACE))
-    cut = half + int(space[-1]) + 1 if space.size else start + piece_bytes
-    while data[cut] & 0xC0 == 0x80:  # Not inside a UTF-8 character.
+    window = np.frombuffer(os.pread(fd, start + piece_bytes + 1 - half, half), np.uint8)
+    space = np.flatnonzero(np.isin(window[:-1], _WHITESPACE))
+    cut = int(space[-1]) + 1 if space.size else piece_bytes - piece_bytes // 2
+    while cut > 0 and window[cut] & 0xC0 == 0x80:  # Not inside a UTF-8 character.
       cut -= 1
-    cuts.append(cut)
-    start = cut
+    cuts.append(half + cut if cut > 0 else start + piece_bytes)
+    start = cuts[-1]
   return cuts
 
 
