@@ -191,5 +191,6 @@ def infer_kind(where: str, paths: Sequence[str]) -> str:
            _SUFFIX_KINDS.get(os.path.splitext(p)[1].lower()) for p in paths}
   if len(kinds) != 1 or None in kinds:
     raise ValueError(f"{where}: cannot infer the kind of {list(paths)} from the suffixes "
-                     f"{sorted(_SUFFIX_KINDS)} (or a directory's {MANIFEST}); set 'kind' to one of {list(KINDS[:-1])}")
+                     f"{sorted(_SUFFIX_KINDS)} (or a directory's {MANIFEST}); set 'kind' to "
+                     f"one of {list(KINDS[:-1])}")
   return kinds.pop()

@@ -64,8 +64,8 @@ def make_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh:
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   sharding = _batch_sharding(mesh, settings, process_count)
-  dataset, skips = _local_dataset(settings, tokenizer, process_index, process_count)
-  return DataIterator(iter(dataset), sharding, settings.batch_size, skips, process_index,
+  dataset, counts = _local_dataset(settings, tokenizer, process_index, process_count)
+  return DataIterator(iter(dataset), sharding, settings.batch_size, counts, process_index,
                       process_count)
 
 
@@ -77,21 +77,21 @@ class DataIterator(grain.DatasetIterator):
   """
 
   def __init__(self, local: grain.DatasetIterator, sharding: NamedSharding, batch_size: int,
-               skips: _Counts, process_index: int = 0, process_count: int = 1):
+               counts: _Counts, process_index: int = 0, process_count: int = 1):
     super().__init__(local)
     self._sharding = sharding
     self._batch_size = batch_size
-    self._skips = skips
+    self._counts = counts
     self._process = (process_index, process_count)
-    self._waited = 0.0  # None once a batch came: only the first is reported when slow.
+    self._first = True  # Only the first batch is reported when slow.
 
   def __next__(self) -> dict[str, Any]:
-    if self._waited is None:
+    if not self._first:
       local = next(self._parent)
     else:
-      with _Waiting(self._skips):
+      with _Waiting(self._counts):
         local = next(self._parent)
-      self._waited = None
+      self._first = False
     return {key: self._global(value) for key, value in local.items()}
 
   def get_state(self) -> dict[str, Any]:
@@ -102,12 +102,12 @@ class DataIterator(grain.DatasetIterator):
 
   @property
   def skipped_records(self) -> int:
-    return self._skips.count
+    return self._counts.skipped
 
   def source_metrics(self) -> dict[str, float]:
     """Per source (by its `name`): `data_tokens/NAME`, the tokens this process has read from
     it, and `data_epochs/NAME`, the epochs of it the mixture has read (over all processes)."""
-    return self._skips.metrics()
+    return self._counts.metrics()
 
   def record_positions(self) -> list[int]:
     """Where this process's rows of an rl batch (one record per row) stand in the batch's
@@ -189,14 +189,14 @@ def _local_dataset(settings: Settings, tokenizer: Tokenizer, process_index: int,
       flags.FLAGS.mark_as_parsed()
     ds = WithOptionsIterDataset(ds, DatasetOptions(min_shm_size=_MIN_SHM_BYTES))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.worker_count))
-  skips = _Counts(settings.sources, sizes)
-  ds = _CheckedIterDataset(ds, settings.skip_bad_records, epoch, skips)
+  counts = _Counts(settings.sources, sizes)
+  ds = _CheckedIterDataset(ds, settings.skip_bad_records, epoch, counts)
   rows = settings.batch_size // process_count
   if settings.format == "rl":
-    return ds.batch(rows, drop_remainder=True, batch_fn=_stack_prompts), skips
+    return ds.batch(rows, drop_remainder=True, batch_fn=_stack_prompts), counts
   prefixes = _PAIR if settings.format == "preference" else ("",)
   ds = _pack(ds, settings, rows, prefixes).batch(rows, drop_remainder=True)
-  return ds.map(functools.partial(_finalize, prefixes=prefixes)), skips
+  return ds.map(functools.partial(_finalize, prefixes=prefixes)), counts
 
 
 def _records(settings: Settings, tokenizer: Tokenizer, process_index: int,
@@ -298,7 +298,7 @@ class _Counts:
   def __init__(self, sources: Sequence[SourceSpec], sizes: Sequence[int]):
     self.names = [s.label for s in sources]
     self.sizes = list(sizes)
-    self.count = 0
+    self.skipped = 0
     self.tokens = [0] * len(sources)
     self.read = [0] * len(sources)
 
@@ -315,11 +315,11 @@ class _Counts:
     return out
 
   def state(self) -> dict[str, Any]:
-    return {"skipped": self.count, "tokens": list(self.tokens), "read": list(self.read)}
+    return {"skipped": self.skipped, "tokens": list(self.tokens), "read": list(self.read)}
 
   def restore(self, state: dict[str, Any]) -> None:
     n = len(self.names)  # States saved before per-source counts start them from zero.
-    self.count = state["skipped"]
+    self.skipped = state["skipped"]
     self.tokens = list(state.get("tokens", [0] * n))
     self.read = list(state.get("read", [0] * n))
 
@@ -335,25 +335,26 @@ class _CheckedIterDataset(grain.IterDataset):
   """Flattens groups of segments, raising on (or skipping and counting) bad records."""
 
   def __init__(self, parent: grain.IterDataset, skip_bad: bool, patience: int,
-               skips: _Counts):
+               counts: _Counts):
     super().__init__(parent)
     self._skip_bad = skip_bad
     self._patience = patience
-    self._skips = skips
+    self._counts = counts
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _CheckedIterator(self._parent.__iter__(), self._skip_bad, self._patience, self._skips)
+    return _CheckedIterator(self._parent.__iter__(), self._skip_bad, self._patience,
+                            self._counts)
 
 
 class _CheckedIterator(grain.DatasetIterator):
   """State: the parent's state before the current group, and the entries taken from it."""
 
   def __init__(self, parent: grain.DatasetIterator, skip_bad: bool, patience: int,
-               skips: _Counts):
+               counts: _Counts):
     super().__init__(parent)
     self._skip_bad = skip_bad
     self._patience = patience  # Consecutive bad records that mean none is good.
-    self._skips = skips
+    self._counts = counts
     self._parent_state = parent.get_state()
     self._group: list[_Tagged] = []
     self._taken = 0
@@ -368,7 +369,7 @@ class _CheckedIterator(grain.DatasetIterator):
         self._taken, self._resume_at = self._resume_at, 0
       source, position, entry = self._group[self._taken]
       self._taken += 1
-      self._skips.take(source, position, entry)
+      self._counts.take(source, position, entry)
       if not isinstance(entry, Bad):
         self._bad_run = 0
         return entry
@@ -378,9 +379,9 @@ class _CheckedIterator(grain.DatasetIterator):
     if not self._skip_bad:
       raise BadRecordError(f"{bad.origin}: {bad.reason} "
                            "(set config.data.skip_bad_records=True to skip and count such records)")
-    self._skips.count += 1
+    self._counts.skipped += 1
     self._bad_run += 1
-    if self._skips.count <= _LOGGED_SKIPS:
+    if self._counts.skipped <= _LOGGED_SKIPS:
       log.warning("skipping bad record %s: %s", bad.origin, bad.reason)
     if self._bad_run >= self._patience:
       raise ValueError(f"the last {self._bad_run} records were all bad, as many as an epoch "
@@ -389,11 +390,11 @@ class _CheckedIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     # Right after a restore nothing is taken yet and the position is still `_resume_at`.
     return {"parent": self._parent_state, "taken": self._taken + self._resume_at,
-            **self._skips.state()}
+            **self._counts.state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._parent_state = state["parent"]
     self._group, self._taken, self._resume_at = [], 0, state["taken"]
-    self._skips.restore(state)
+    self._counts.restore(state)
     self._bad_run = 0

@@ -1,8 +1,10 @@
 """Random-access record sources and their parsing into `Record` (or `Bad`, naming the origin).
 
-A source maps an index to `(origin, payload)`: origin is "path:line" for JSONL and text files,
-"path[record i]" for ArrayRecord, "path[row i]" for Parquet and "<memory source k>[i]" for in-memory lists. Parsing runs
-later, in the grain map (so in worker processes when there are any), never at indexing time.
+A source maps an index to `(origin, payload)`: origin is "path:line" for JSONL and text files
+("path:line (bytes a-b)" for a piece of a long paragraph), "path[record i]" for ArrayRecord,
+"path[row i]" for Parquet, "dir/shard-k.tokens.npy[document i]" for token shards and
+"<memory source k>[i]" for in-memory lists. Parsing runs later, in the grain map (so in
+worker processes when there are any), never at indexing time.
 """
 
 from __future__ import annotations
