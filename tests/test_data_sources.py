@@ -437,3 +437,28 @@ def test_text_index_read_in_chunks(tmp_path, tok, monkeypatch, chunk):
   source = sources.TextFileSource([str(path)], "line")
   assert [source[i][0].rsplit(":", 1)[1] for i in range(len(source))] == ["1", "2", "6", "8",
                                                                           "11"]
+
+
+class RecordingTokenizer(SlowTokenizer):
+  """The tokenizer, noting the longest text it was asked to encode."""
+
+  def __init__(self, tok):
+    super().__init__(tok, 0)
+    self.longest = 0
+
+  def encode(self, text, *args, **kwargs):
+    self.longest = max(self.longest, len(text))
+    return self._tok.encode(text, *args, **kwargs)
+
+
+def test_long_json_text_encoded_in_bounded_pieces(tmp_path, tok):
+  text = " ".join(f"word{k}\n" if k % 7 == 0 else f"w{k}" for k in range(400))
+  path = write_lines(tmp_path / "a.jsonl", [json.dumps({"text": text})])
+  recording = RecordingTokenizer(tok)
+  c = config([{"path": str(path)}], seq_len=64, batch_size=2, packing="concat",
+             piece_bytes=200)
+  out = list(make_dataset(c, recording))
+  assert 100 <= recording.longest <= 200
+  ids = [int(t) for b in out for r, s in zip(b["tokens"], b["segment_ids"]) for t in r[s > 0]]
+  assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+  assert tok.decode(ids, skip_control=True) == text

@@ -23,6 +23,7 @@ import numpy as np
 
 from gemma_jax import exits
 from gemma_jax.data.config import FIELDS, KINDS, SourceSpec, default_config, infer_kind
+from gemma_jax.data.formats import encode_in_pieces
 from gemma_jax.data.sources import Bad, Record, open_source, parse
 from gemma_jax.data.token_shards import FORMAT, MANIFEST, shard_names
 from gemma_jax.tokenizer import Tokenizer
@@ -52,7 +53,7 @@ def _ids(record: Record | Bad, field: str, tokenizer: Tokenizer) -> np.ndarray:
                      f"{type(text).__name__}")
   if not text.strip() and record.starts and record.ends:
     raise ValueError(f"{record.origin}: empty document (field {field!r})")
-  return np.asarray(tokenizer.encode(text), np.int32)
+  return np.asarray(encode_in_pieces(tokenizer, text, default_config().piece_bytes), np.int32)
 
 
 class _Progress:
