@@ -16,6 +16,7 @@ extra whitespace strips it per segment.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import operator
 import os
@@ -46,6 +47,8 @@ class Tokenizer:
     source = "<serialized bytes>" if isinstance(model, (bytes, bytearray)) else str(model)
     proto = _read_model(model)
     self._sp = _load_processor(proto, source)
+    # Names the model: pre-tokenized data records it, and refuses a different tokenizer.
+    self.fingerprint = hashlib.sha256(proto).hexdigest()
     mid_proto = _without_dummy_prefix(proto)
     self._sp_mid = self._sp if mid_proto is None else _load_processor(mid_proto, source)
     self._turn_ids = {piece: self._find_piece(piece) for piece in (START_OF_TURN, END_OF_TURN)}

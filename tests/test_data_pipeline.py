@@ -4,6 +4,7 @@ Expected arrays are written out by hand from the batch contract in gemma_jax/dat
 """
 
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -356,3 +357,42 @@ def test_worker_processes_give_the_same_batches_and_state(tok):
     np.testing.assert_array_equal(g["tokens"], w["tokens"])
   for w, g in zip(want[3:], got_restored):
     np.testing.assert_array_equal(g["loss_weights"], w["loss_weights"])
+
+
+# --- weighted mixtures --------------------------------------------------------------------
+
+
+def mixture(weights=(5, 3, 2), sizes=(10, 7, 4)):
+  """Sources whose every document is [BOS, 100 * (k + 1), EOS] for source k."""
+  return [{"records": [{"tokens": [100 * (k + 1)]}] * n, "weight": w, "name": f"s{k}"}
+          for k, (w, n) in enumerate(zip(weights, sizes))]
+
+
+def test_mixture_follows_the_weights_and_counts_tokens_and_epochs(tok):
+  c = config(mixture(), seq_len=4, batch_size=8, packing="none", shuffle=True,
+             num_epochs=None)
+  it = make_iterator(c, tok, mesh((2, 4), ("data", "fsdp")))
+  ids = np.concatenate([np.asarray(next(it)["tokens"])[:, 1] for _ in range(100)])
+  n, metrics = ids.size, it.source_metrics()
+  for k, (p, size) in enumerate(zip((0.5, 0.3, 0.2), (10, 7, 4))):
+    count = int((ids == 100 * (k + 1)).sum())
+    assert abs(count - n * p) <= 4 * math.sqrt(n * p * (1 - p)), (k, count)  # Binomial bound.
+    # The packer reads ahead at most a row's worth of records past the last batch.
+    assert 3 * count <= metrics[f"data_tokens/s{k}"] <= 3 * (count + 8)
+    assert count / size <= metrics[f"data_epochs/s{k}"] <= (count + 8) / size
+
+
+def test_resume_mid_mixture_equals_a_straight_run(tok):
+  c = config(mixture() + [{"path": str(CORPUS), "weight": 4}], seq_len=16, batch_size=8,
+             packing="concat", shuffle=True, num_epochs=None)
+  it = make_iterator(c, tok, mesh((2, 4), ("data", "fsdp")))
+  for _ in range(13):
+    next(it)
+  state, counts = json.loads(json.dumps(it.get_state())), it.source_metrics()
+  straight = [np.asarray(next(it)["tokens"]) for _ in range(9)]
+  resumed = make_iterator(c, tok, mesh((2, 4), ("data", "fsdp")))
+  resumed.set_state(state)
+  assert resumed.source_metrics() == counts and counts["data_tokens/s0"] > 0
+  for want in straight:
+    np.testing.assert_array_equal(np.asarray(next(resumed)["tokens"]), want)
+  assert resumed.source_metrics() == it.source_metrics()

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AxisType
 
 from gemma_jax.data import BadRecordError, default_config, make_dataset, make_iterator
 from gemma_jax.data.to_array_record import convert
+from gemma_jax.tokenizer import train_sentencepiece
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "tokenizer_corpus.txt"
@@ -161,7 +163,8 @@ def test_bad_text_file_paragraph_names_its_first_line(tmp_path, tok):
   ([], {}, "config.data.sources is empty"),
   ([{"path": "/nonexistent/*.jsonl"}], {}, "no file matches"),
   ([{"records": []}], {}, r"sources\[0\] \(<memory>\) has no records"),
-  ([{"path": str(CORPUS), "kind": "parquet"}], {}, "kind must be one of"),
+  ([{"path": str(CORPUS), "kind": "csv"}], {}, "kind must be one of"),
+  ([{"path": str(CORPUS), "kind": "parquet"}], {}, "tokenizer_corpus.txt: not a Parquet file"),
   ([{"path": "x", "records": []}], {}, "exactly one of 'path' or 'records'"),
   ([{"records": ["a"], "weight": 0}], {}, "weight must be a positive number"),
   ([{"records": ["a"], "fields": {"txt": "body"}}], {}, r"fields has unknown keys \['txt'\]"),
@@ -230,3 +233,232 @@ def test_shipped_sets_are_valid(tok, name, fmt, count):
   else:
     weights = "loss_weights" if fmt == "chat" else "chosen_loss_weights"
     assert all((b[weights].sum(axis=1) > 0).all() for b in batches)
+
+
+# --- Parquet ------------------------------------------------------------------------------
+
+
+def write_parquet(path: Path, rows, row_group_size: int) -> Path:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+  return path
+
+
+def test_parquet_rows_read_by_row_groups_match_jsonl(tmp_path, tok):
+  texts = [f"document number {k} says {'la ' * (k % 4)}hi" for k in range(23)]
+  rows_ = [{"body": t, "url": f"u{k}"} for k, t in enumerate(texts)]
+  write_parquet(tmp_path / "a.parquet", rows_[:17], row_group_size=5)  # Groups 5, 5, 5, 2.
+  write_parquet(tmp_path / "b.parquet", rows_[17:], row_group_size=4)
+  write_lines(tmp_path / "all.jsonl", [json.dumps(r) for r in rows_])
+  fields = {"text": "body"}
+  parquet = config([{"path": str(tmp_path / "*.parquet"), "fields": fields}], shuffle=True,
+                   num_epochs=2, batch_size=2)
+  jsonl = config([{"path": str(tmp_path / "all.jsonl"), "fields": fields}], shuffle=True,
+                 num_epochs=2, batch_size=2)
+  for process in range(2):  # Per-host shares, as for any other source.
+    want = documents(jsonl, tok, process_index=process, process_count=2)
+    assert documents(parquet, tok, process_index=process, process_count=2) == want
+    assert len(want) == 23 and not set(want) - set(texts)
+  assert documents(parquet, tok) == documents(jsonl, tok)
+
+
+def documents(c, tok, **kwargs):
+  """The decoded documents of this process's share."""
+  return [tok.decode(r[s > 0], skip_control=True) for b in make_dataset(c, tok, **kwargs)
+          for r, s in zip(b["tokens"], b["segment_ids"])]
+
+
+def test_parquet_bad_row_names_file_and_row(tmp_path, tok):
+  path = write_parquet(tmp_path / "a.parquet",
+                       [{"text": "fine"}] * 7 + [{"text": None}] + [{"text": "ok"}] * 3, 4)
+  with pytest.raises(BadRecordError, match=rf"^{path}\[row 7\]: field 'text' must be str"):
+    rows(config([{"path": str(path)}]), tok)
+  c = config([{"path": str(tmp_path / "a.parquet")}], skip_bad_records=True)
+  assert len(rows(c, tok)) == 10
+
+
+def test_parquet_chat_preference_and_rl_columns(tmp_path, tok):
+  chat = [{"conv": [{"role": "user", "content": f"Hi {k}"},
+                    {"role": "model", "content": f"Hello {k}."}]} for k in range(6)]
+  pairs = [{"prompt": f"Say {k}", "chosen": f"{k}", "rejected": "no", "id": k}
+           for k in range(6)]
+  for fmt, records, fields in (("chat", chat, {"messages": "conv"}),
+                               ("preference", pairs, {}), ("rl", pairs, {})):
+    path = write_parquet(tmp_path / f"{fmt}.parquet", records, row_group_size=4)
+    kw = dict(format=fmt, seq_len=32, batch_size=2, packing="none" if fmt != "rl" else "concat")
+    want = list(make_dataset(config([{"records": records, "fields": fields}], **kw), tok))
+    got = list(make_dataset(config([{"path": str(path), "fields": fields}], **kw), tok))
+    assert len(got) == len(want) == 3
+    for w, g in zip(want, got):
+      assert set(w) == set(g)
+      for key in w:
+        if key == "reference":
+          assert g[key] == w[key]
+        else:
+          np.testing.assert_array_equal(g[key], w[key], err_msg=f"{fmt} {key}")
+  assert got[0]["reference"][0] == {"chosen": "0", "rejected": "no", "id": 0}  # rl: all columns
+
+
+def test_parquet_without_the_configured_columns_refused(tmp_path, tok):
+  path = write_parquet(tmp_path / "a.parquet", [{"body": "x"}], 1)
+  with pytest.raises(ValueError, match=r"none of the columns .* is in the file; it has \['body'\]"):
+    rows(config([{"path": str(path)}]), tok)
+
+
+# --- long documents -----------------------------------------------------------------------
+
+
+def piece_rows(c, tok):
+  """Each row's token ids (one piece per row with packing none and a roomy seq_len)."""
+  return [r[s > 0].tolist() for b in make_dataset(c, tok)
+          for r, s in zip(b["tokens"], b["segment_ids"])]
+
+
+@pytest.mark.parametrize("word", ["bread and water ", "é"])  # "é" * n: no whitespace to cut at
+def test_long_paragraph_read_in_bounded_pieces(tmp_path, tok, word):
+  long = (word * (3000 // len(word.encode())))[:1500].strip()
+  path = tmp_path / "a.txt"
+  path.write_text(f"short one\n\n{long}\n\nlast\n")
+  c = config([{"path": str(path)}], seq_len=400, piece_bytes=256)
+  out = piece_rows(c, tok)
+  pieces = out[1:-1]
+  assert len(pieces) >= len(long.encode()) // 256 + 1
+  assert [tok.decode(out[k], skip_control=True) for k in (0, -1)] == ["short one", "last"]
+  assert pieces[0][0] == tok.bos_id and pieces[-1][-1] == tok.eos_id
+  inner = [i for p in pieces for i in (p[:1] + p[-1:])][1:-1]
+  assert tok.bos_id not in inner and tok.eos_id not in inner  # Only at the document's ends.
+  assert "".join(tok.decode(p, skip_control=True) for p in pieces) == long
+  assert all(len(tok.decode(p, skip_control=True).encode()) <= 256 for p in pieces)
+  c.piece_bytes = 1 << 16  # One piece: the whole paragraph, as before.
+  whole = piece_rows(c, tok)[1:-1]  # Rows of seq_len: one piece, split by the packer.
+  assert whole[0][0] == tok.bos_id and whole[-1][-1] == tok.eos_id
+  assert tok.decode([i for r in whole for i in r], skip_control=True) == long
+
+
+def test_bad_piece_names_its_byte_range(tmp_path, tok):
+  path = tmp_path / "a.txt"
+  path.write_bytes(b"ok\n\n" + b"word " * 100 + b"\xff" + b" word" * 100 + b"\n")
+  with pytest.raises(BadRecordError, match=rf"^{path}:3 \(bytes \d+-\d+\): not valid UTF-8"):
+    piece_rows(config([{"path": str(path)}], seq_len=400, piece_bytes=256), tok)
+
+
+class SlowTokenizer:
+  """The tokenizer, with every encode taking `delay` seconds."""
+
+  def __init__(self, tok, delay):
+    self._tok, self._delay = tok, delay
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+  def encode(self, *args, **kwargs):
+    import time
+    time.sleep(self._delay)
+    return self._tok.encode(*args, **kwargs)
+
+
+def test_slow_first_batch_logs_progress(tok, caplog, monkeypatch):
+  from gemma_jax.data import pipeline
+  monkeypatch.setattr(pipeline, "_FIRST_BATCH_PATIENCE_S", 0.1)
+  c = config([{"records": ["one", "two", "three", "four"]}], batch_size=8, num_epochs=None,
+             seq_len=8, packing="concat")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  it = make_iterator(c, SlowTokenizer(tok, 0.01), mesh)  # A group of 64 records: > 0.6 s.
+  with caplog.at_level("WARNING", logger=pipeline.__name__):
+    next(it)
+  lines = [r.getMessage() for r in caplog.records if "first batch" in r.getMessage()]
+  assert lines and lines[0].startswith("data: waiting 0 s for the first batch")
+  caplog.clear()
+  with caplog.at_level("WARNING", logger=pipeline.__name__):
+    next(it)
+  assert not caplog.records  # Only the first batch is reported.
+
+
+# --- pre-tokenized shards -----------------------------------------------------------------
+
+
+def test_pretokenized_shards_give_the_batches_of_the_text(tmp_path, tok):
+  from gemma_jax.data.pretokenize import pretokenize
+  path = tmp_path / "corpus.txt"
+  path.write_text(CORPUS.read_text() + "\n\n" + "a long one, " * 200 + "\n")
+  model = tmp_path / "tokenizer.model"
+  model.write_bytes(tok._sp.serialized_model_proto())
+  manifest = pretokenize([str(path)], str(model), str(tmp_path / "shards"), shard_tokens=500)
+  assert len(manifest["shards"]) > 2 and manifest["tokenizer"]["sha256"] == tok.fingerprint
+  assert sum(s["documents"] for s in manifest["shards"]) == 44
+  kw = dict(seq_len=64, batch_size=4, packing="concat", shuffle=True, num_epochs=2)
+  want = list(make_dataset(config([{"path": str(path)}], **kw), tok))
+  got = list(make_dataset(config([{"path": str(tmp_path / "shards")}], **kw), tok))
+  assert len(got) == len(want) > 10
+  for w, g in zip(want, got):
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+def test_pretokenized_shards_refuse_another_tokenizer(tmp_path, tok):
+  from gemma_jax.data.pretokenize import pretokenize
+  from gemma_jax.tokenizer import Tokenizer
+  model = tmp_path / "tokenizer.model"
+  model.write_bytes(tok._sp.serialized_model_proto())
+  pretokenize([str(CORPUS)], str(model), str(tmp_path / "shards"))
+  other = Tokenizer(train_sentencepiece(CORPUS, tmp_path / "other", 600))
+  with pytest.raises(ValueError, match=r"shards was tokenized with another tokenizer \(.*"
+                                       r"tokenizer.model, vocab 1000"):
+    make_dataset(config([{"path": str(tmp_path / "shards")}]), other)
+
+
+def test_pretokenize_cli_progress_and_bad_record(tmp_path, tok, capsys):
+  from gemma_jax.data.pretokenize import main
+  model = tmp_path / "tokenizer.model"
+  model.write_bytes(tok._sp.serialized_model_proto())
+  good = write_lines(tmp_path / "a.jsonl", ['{"body": "one"}', '{"body": "two"}'])
+  args = ["--tokenizer", str(model), "--field", "body", "--output"]
+  assert main([str(good), *args, str(tmp_path / "ok")]) == 0
+  out = capsys.readouterr()
+  assert "[####################] 2/2 records" in out.err and "wrote 2 documents" in out.out
+  bad = write_lines(tmp_path / "b.jsonl", ['{"body": "one"}', '{"text": "two"}'])
+  result = subprocess.run([sys.executable, "-m", "gemma_jax.data.pretokenize", str(bad), *args,
+                           str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[-1] == (
+    f"error: {bad}:2: field 'body' must be a string, got NoneType")
+  assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 22])
+def test_text_index_read_in_chunks(tmp_path, tok, monkeypatch, chunk):
+  from gemma_jax.data import sources
+  monkeypatch.setattr(sources, "_INDEX_CHUNK", chunk)
+  path = tmp_path / "a.txt"
+  path.write_text("first line\nstill first\n\n  \n\nsecond\r\n\r\nthird\n\n\n x\n")
+  assert rows(config([{"path": str(path)}]), tok) == ["first line\nstill first", "second\r",
+                                                     "third", " x"]
+  source = sources.TextFileSource([str(path)], "line")
+  assert [source[i][0].rsplit(":", 1)[1] for i in range(len(source))] == ["1", "2", "6", "8",
+                                                                          "11"]
+
+
+class RecordingTokenizer(SlowTokenizer):
+  """The tokenizer, noting the longest text it was asked to encode."""
+
+  def __init__(self, tok):
+    super().__init__(tok, 0)
+    self.longest = 0
+
+  def encode(self, text, *args, **kwargs):
+    self.longest = max(self.longest, len(text))
+    return self._tok.encode(text, *args, **kwargs)
+
+
+def test_long_json_text_encoded_in_bounded_pieces(tmp_path, tok):
+  text = " ".join(f"word{k}\n" if k % 7 == 0 else f"w{k}" for k in range(400))
+  path = write_lines(tmp_path / "a.jsonl", [json.dumps({"text": text})])
+  recording = RecordingTokenizer(tok)
+  c = config([{"path": str(path)}], seq_len=64, batch_size=2, packing="concat",
+             piece_bytes=200)
+  out = list(make_dataset(c, recording))
+  assert 100 <= recording.longest <= 200
+  ids = [int(t) for b in out for r, s in zip(b["tokens"], b["segment_ids"]) for t in r[s > 0]]
+  assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+  assert tok.decode(ids, skip_control=True) == text

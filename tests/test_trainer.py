@@ -159,6 +159,9 @@ def test_loss_decreases_on_the_shipped_corpus(straight):
   assert nan_step["loss"] is None and nan_step["skipped_steps"] == 1
   train_records = [r for r in records if "loss" in r and r["step"] > 1]
   assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in train_records)
+  seen = [r["data_tokens/tokenizer_corpus"] for r in train_records]  # Per-source metrics.
+  assert seen == sorted(seen) and seen[0] > 0
+  assert train_records[-1]["data_epochs/tokenizer_corpus"] > 0
   evals = [r["eval_loss"] for r in records if "eval_loss" in r]
   assert len(evals) == 2 and evals[1] < evals[0]
 

@@ -80,8 +80,9 @@ class LogMetrics(Hook):
 
   def run(self, trainer: Trainer) -> None:
     remaining = trainer.config.train.steps - trainer.step_count
-    trainer.report(trainer.recorder.summary(trainer.data.skipped_records),
-                   trainer.recorder.eta(remaining))
+    metrics = trainer.recorder.summary(trainer.data.skipped_records)
+    metrics.update(trainer.data.source_metrics())  # data_tokens/NAME, data_epochs/NAME
+    trainer.report(metrics, trainer.recorder.eta(remaining))
 
 
 class Evaluate(Hook):

@@ -55,6 +55,9 @@ class CycleData(grain.DatasetIterator):
   def skipped_records(self) -> int:
     return self._parent.skipped_records
 
+  def source_metrics(self) -> dict[str, float]:
+    return self._parent.source_metrics()
+
   def record_positions(self) -> list[int]:
     return self._parent.record_positions()
 

@@ -10,6 +10,7 @@ Entry points:
       -> grain.IterDataset              this process's batches as numpy (batch_size /
                                         process_count rows), e.g. for tests and benchmarks
   python -m gemma_jax.data.to_array_record   JSONL / text files -> ArrayRecord
+  python -m gemma_jax.data.pretokenize       text sources -> token shards (kind "tokens")
 
 Batches (B rows of T = seq_len; every array int32 unless noted):
   tokens, positions, segment_ids   packed rows: segment ids 1, 2, ... per document in a row,

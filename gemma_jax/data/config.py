@@ -11,25 +11,31 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from gemma_jax.data.token_shards import MANIFEST
+
 FORMATS = ("pretrain", "chat", "preference", "rl")
 PACKINGS = ("concat", "first_fit", "none")
-KINDS = ("jsonl", "text", "array_record", "memory")
+KINDS = ("jsonl", "text", "array_record", "parquet", "tokens", "memory")
 RL_PADDINGS = ("left", "right")
 # Canonical record fields; a source's `fields` maps them to the names its records use.
 FIELDS = ("text", "tokens", "messages", "prompt", "chosen", "rejected")
-_SOURCE_KEYS = ("path", "kind", "weight", "fields", "records")
+_SOURCE_KEYS = ("path", "kind", "weight", "fields", "records", "name")
 _SUFFIX_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
-                 ".array_record": "array_record", ".arrayrecord": "array_record"}
+                 ".array_record": "array_record", ".arrayrecord": "array_record",
+                 ".parquet": "parquet"}
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The `config.data` subtree with every key and its default (locked: typos fail)."""
   c = ml_collections.ConfigDict()
   # Each source: {path (file, glob or list), kind ("auto": from the suffix, or one of KINDS),
-  # weight (mixing weight, default 1), fields ({canonical field: name in the records})};
+  # weight (mixing weight, default 1), fields ({canonical field: name in the records}),
+  # name (in the per-source metrics; default: the first file's stem, or memoryK)};
   # in-memory sources give `records` (a list of dicts or strings) instead of `path`.
   # jsonl: one JSON object per line; text: one document per blank-line separated paragraph;
-  # array_record: UTF-8 JSON records (python -m gemma_jax.data.to_array_record).
+  # array_record: UTF-8 JSON records (python -m gemma_jax.data.to_array_record);
+  # parquet: one record per row, read by row groups (columns as fields; see data/parquet.py);
+  # tokens: directories written by python -m gemma_jax.data.pretokenize (no tokenizing).
   c.sources = []
   c.format = "pretrain"        # pretrain | chat | preference | rl
   c.seq_len = 1024             # row length (rl: the prompt buffer length)
@@ -37,6 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.packing = "concat"         # concat (cut across rows) | first_fit | none (one per row)
   c.packing_bins = 64          # first_fit: rows filled at once (more bins, less padding)
   c.truncate_long = False      # over seq_len: truncate, else split (a pair: a bad record)
+  # text sources: a paragraph longer than this many bytes is read, tokenized and packed as
+  # pieces of at most this size cut at whitespace (each its own segment), so memory and the
+  # time to a batch do not grow with a document's size.
+  c.piece_bytes = 1 << 16
   c.shuffle = True             # reshuffled every epoch
   c.seed = 0
   # None repeats forever; with several sources, each repeats this often and the mix ends
@@ -58,6 +68,7 @@ class SourceSpec:
   records: tuple[Any, ...]
   weight: float
   fields: Mapping[str, str]
+  label: str  # The source's name in metrics.
 
   @property
   def name(self) -> str:
@@ -74,6 +85,7 @@ class Settings:
   packing: str
   packing_bins: int
   truncate_long: bool
+  piece_bytes: int
   shuffle: bool
   seed: int
   num_epochs: int | None
@@ -94,7 +106,7 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Setti
   _check_choice("packing", values["packing"], PACKINGS)
   _check_choice("rl_padding", values["rl_padding"], RL_PADDINGS)
   for key, low in (("seq_len", 2), ("batch_size", 1), ("packing_bins", 1), ("worker_count", 0),
-                   ("seed", 0)):
+                   ("seed", 0), ("piece_bytes", 64)):
     if not isinstance(values[key], int) or values[key] < low:
       raise ValueError(f"config.data.{key} must be an int >= {low}, got {values[key]!r}")
   if values["num_epochs"] is not None and values["num_epochs"] < 1:
@@ -105,6 +117,10 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Setti
   sources = tuple(_source_spec(i, s) for i, s in enumerate(values["sources"]))
   if not sources:
     raise ValueError("config.data.sources is empty: the dataset has no source")
+  labels = [s.label for s in sources]
+  if len(set(labels)) < len(labels):
+    raise ValueError(f"config.data.sources have the same name twice in {labels}; give them "
+                     "distinct 'name's (the per-source metrics are keyed by name)")
   values["sources"] = sources
   return Settings(**values)
 
@@ -138,15 +154,24 @@ def _source_spec(i: int, entry: Mapping[str, Any]) -> SourceSpec:
   if bad_fields:
     raise ValueError(f"{where}.fields has unknown keys {bad_fields}; "
                      f"expected some of {list(FIELDS)}")
+  fields = {f: fields.get(f, f) for f in FIELDS}
   if "records" in entry:
-    return SourceSpec("memory", (), tuple(entry["records"]), float(weight),
-                      {f: fields.get(f, f) for f in FIELDS})
+    return SourceSpec("memory", (), tuple(entry["records"]), float(weight), fields,
+                      _label(where, entry, f"memory{i}"))
   paths = _expand(where, entry["path"])
   kind = entry.get("kind", "auto")
   if kind == "auto":
     kind = infer_kind(where, paths)
   _check_choice(f"sources[{i}].kind", kind, KINDS[:-1])
-  return SourceSpec(kind, paths, (), float(weight), {f: fields.get(f, f) for f in FIELDS})
+  default = os.path.splitext(os.path.basename(paths[0]))[0] + ("*" if len(paths) > 1 else "")
+  return SourceSpec(kind, paths, (), float(weight), fields, _label(where, entry, default))
+
+
+def _label(where: str, entry: Mapping[str, Any], default: str) -> str:
+  name = entry.get("name", default)
+  if not isinstance(name, str) or not name or "/" in name:
+    raise ValueError(f"{where}.name must be a non-empty string without '/', got {name!r}")
+  return name
 
 
 def _expand(where: str, path: str | Sequence[str]) -> tuple[str, ...]:
@@ -162,8 +187,10 @@ def _expand(where: str, path: str | Sequence[str]) -> tuple[str, ...]:
 
 def infer_kind(where: str, paths: Sequence[str]) -> str:
   """The one source kind that the suffixes of `paths` imply."""
-  kinds = {_SUFFIX_KINDS.get(os.path.splitext(p)[1].lower()) for p in paths}
+  kinds = {"tokens" if os.path.isfile(os.path.join(p, MANIFEST)) else
+           _SUFFIX_KINDS.get(os.path.splitext(p)[1].lower()) for p in paths}
   if len(kinds) != 1 or None in kinds:
     raise ValueError(f"{where}: cannot infer the kind of {list(paths)} from the suffixes "
-                     f"{sorted(_SUFFIX_KINDS)}; set 'kind' to one of {list(KINDS[:-1])}")
+                     f"{sorted(_SUFFIX_KINDS)} (or a directory's {MANIFEST}); set 'kind' to "
+                     f"one of {list(KINDS[:-1])}")
   return kinds.pop()

@@ -5,7 +5,9 @@ Each segment is a dict of 1-D numpy arrays. For pretrain and chat: `tokens` (int
 position that predicts it). Preference segments hold the same pair of arrays with `chosen_`
 and `rejected_` prefixes. RL segments are finished prompt rows (see `pipeline`).
 
-- pretrain: BOS + text (or pre-tokenized `tokens`) + EOS; every token but BOS is a target.
+- pretrain: BOS + text (or pre-tokenized `tokens`) + EOS; every token but BOS is a target. A
+  piece of a long text document (see `sources.TextFileSource`) has BOS only if it starts the
+  document and EOS only if it ends it; its first token is not a target.
 - chat: the Gemma template over `messages`; targets are the tokens of model turns including
   their <end_of_turn>. A model turn is encoded as its header "<start_of_turn>model\\n" and its
   content separately, the token boundary a sampler sees after the generation prompt.
@@ -62,9 +64,12 @@ class Formatter:
     else:
       text = _get(record, "text", str)
       if not text.strip():
+        if not (record.starts and record.ends):
+          return []  # A blank piece of a long document: nothing to train on, nothing wrong.
         raise _Invalid(f"empty document (field {text_field!r})")
-      ids = self._tok.encode(text)
-    tokens = [self._tok.bos_id, *ids, self._tok.eos_id]
+      ids = encode_in_pieces(self._tok, text, self._s.piece_bytes)
+    # A piece of a long document has BOS only if it starts it, EOS only if it ends it.
+    tokens = [self._tok.bos_id] * record.starts + ids + [self._tok.eos_id] * record.ends
     return self._fit(tokens, [0.0] + [1.0] * (len(tokens) - 1))
 
   def _chat(self, record: Record) -> list[Segment]:
@@ -145,6 +150,8 @@ class Formatter:
       raise _Invalid(f"field {field!r}: {e}") from None
 
   def _token_ids(self, ids: Any, field: str) -> list[int]:
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+      return self._checked_array(ids, field)  # Token shards: checked at NumPy speed.
     if not isinstance(ids, list) or not all(
         isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
       raise _Invalid(f"field {field!r} must be a list of ints")
@@ -156,6 +163,15 @@ class Formatter:
       raise _Invalid(f"token id {bad} in field {field!r} is out of range [0, {vocab})")
     return ids
 
+  def _checked_array(self, ids: np.ndarray, field: str) -> list[int]:
+    if not ids.size:
+      raise _Invalid(f"empty document (field {field!r})")
+    out_of_range = (ids < 0) | (ids >= self._tok.vocab_size)
+    if out_of_range.any():
+      raise _Invalid(f"token id {ids[out_of_range][0]} in field {field!r} is out of range "
+                     f"[0, {self._tok.vocab_size})")
+    return ids.tolist()
+
   def _fit(self, tokens: list[int], weights: list[float]) -> list[Segment]:
     """One segment, or several of at most seq_len tokens, per the packing settings."""
     size = self._s.seq_len
@@ -166,6 +182,23 @@ class Formatter:
     return [{"tokens": np.asarray(tokens[i:i + size], np.int32),
              "weights": np.asarray(weights[i:i + size], np.float32)}
             for i in range(0, len(tokens), size)]
+
+
+def encode_in_pieces(tokenizer: Tokenizer, text: str, piece_chars: int) -> list[int]:
+  """`tokenizer.encode(text)`, a piece of at most `piece_chars` characters at a time (cut
+  after the last space or newline in the piece's second half): SentencePiece slows down on
+  very long inputs, and pieces keep its working memory bounded. Ids may differ from a single
+  encode only at the cuts."""
+  if len(text) <= piece_chars:
+    return tokenizer.encode(text)
+  ids, start = [], 0
+  while len(text) - start > piece_chars:
+    half, stop = start + piece_chars // 2, start + piece_chars
+    cut = max(text.rfind(" ", half, stop), text.rfind("\n", half, stop)) + 1 or stop
+    ids.extend(tokenizer.encode(text[start:cut]))
+    start = cut
+  ids.extend(tokenizer.encode(text[start:]))
+  return ids
 
 
 def _get(record: Record, field: str, types: type | tuple[type, ...]) -> Any:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +24,15 @@ from grain.experimental import (ConcatThenSplitIterDataset, DatasetOptions,
                                 FirstFitPackIterDataset, WithOptionsIterDataset)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma_jax.data.config import Settings, parse_config
+from gemma_jax.data.config import Settings, SourceSpec, parse_config
 from gemma_jax.data.formats import Formatter, Segment
-from gemma_jax.data.sources import Bad, Record, open_source, parse
+from gemma_jax.data.sources import Bad, open_source, parse
 from gemma_jax.sharding import LOGICAL_RULES, batch_axes
 from gemma_jax.tokenizer import Tokenizer
 
+# The first batch waits on shuffling indices, opening files and formatting a group of records:
+# past this many seconds (and as often again) a line says that it is still coming.
+_FIRST_BATCH_PATIENCE_S = 10.0
 _LOGGED_SKIPS = 10  # Skipped records logged one by one per iterator; the rest only counted.
 _PAIR = ("chosen_", "rejected_")
 # Records are formatted in groups, so a worker process sends one message per group, not per
@@ -59,8 +64,8 @@ def make_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh:
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   sharding = _batch_sharding(mesh, settings, process_count)
-  dataset, skips = _local_dataset(settings, tokenizer, process_index, process_count)
-  return DataIterator(iter(dataset), sharding, settings.batch_size, skips, process_index,
+  dataset, counts = _local_dataset(settings, tokenizer, process_index, process_count)
+  return DataIterator(iter(dataset), sharding, settings.batch_size, counts, process_index,
                       process_count)
 
 
@@ -72,15 +77,22 @@ class DataIterator(grain.DatasetIterator):
   """
 
   def __init__(self, local: grain.DatasetIterator, sharding: NamedSharding, batch_size: int,
-               skips: _SkipCount, process_index: int = 0, process_count: int = 1):
+               counts: _Counts, process_index: int = 0, process_count: int = 1):
     super().__init__(local)
     self._sharding = sharding
     self._batch_size = batch_size
-    self._skips = skips
+    self._counts = counts
     self._process = (process_index, process_count)
+    self._first = True  # Only the first batch is reported when slow.
 
   def __next__(self) -> dict[str, Any]:
-    return {key: self._global(value) for key, value in next(self._parent).items()}
+    if not self._first:
+      local = next(self._parent)
+    else:
+      with _Waiting(self._counts):
+        local = next(self._parent)
+      self._first = False
+    return {key: self._global(value) for key, value in local.items()}
 
   def get_state(self) -> dict[str, Any]:
     return self._parent.get_state()
@@ -90,7 +102,12 @@ class DataIterator(grain.DatasetIterator):
 
   @property
   def skipped_records(self) -> int:
-    return self._skips.count
+    return self._counts.skipped
+
+  def source_metrics(self) -> dict[str, float]:
+    """Per source (by its `name`): `data_tokens/NAME`, the tokens this process has read from
+    it, and `data_epochs/NAME`, the epochs of it the mixture has read (over all processes)."""
+    return self._counts.metrics()
 
   def record_positions(self) -> list[int]:
     """Where this process's rows of an rl batch (one record per row) stand in the batch's
@@ -105,6 +122,31 @@ class DataIterator(grain.DatasetIterator):
       return value  # RL reference fields stay host-local Python objects.
     shape = (self._batch_size, *value.shape[1:])
     return jax.make_array_from_process_local_data(self._sharding, value, shape)
+
+
+class _Waiting:
+  """While the block runs, a log line every _FIRST_BATCH_PATIENCE_S seconds saying how long
+  it has waited and what has been read so far (a slow first batch never stalls silently)."""
+
+  def __init__(self, counts: _Counts):
+    self._counts = counts
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._report, daemon=True)
+
+  def __enter__(self) -> None:
+    self._start = time.perf_counter()
+    self._thread.start()
+
+  def __exit__(self, *exc) -> None:
+    self._done.set()
+    self._thread.join()
+
+  def _report(self) -> None:
+    while not self._done.wait(_FIRST_BATCH_PATIENCE_S):
+      tokens = sum(self._counts.tokens)
+      log.warning("data: waiting %.0f s for the first batch; %d tokens packed so far (the "
+                  "first group of %d records is being read and tokenized)",
+                  time.perf_counter() - self._start, tokens, _GROUP)
 
 
 def _batch_sharding(mesh: Mesh, settings: Settings, process_count: int) -> NamedSharding:
@@ -131,13 +173,13 @@ def _batch_sharding(mesh: Mesh, settings: Settings, process_count: int) -> Named
 
 
 def _local_dataset(settings: Settings, tokenizer: Tokenizer, process_index: int,
-                   process_count: int) -> tuple[grain.IterDataset, _SkipCount]:
+                   process_count: int) -> tuple[grain.IterDataset, _Counts]:
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
   if settings.batch_size % process_count:
     raise ValueError(f"config.data.batch_size={settings.batch_size} is not divisible by the "
                      f"process count {process_count}")
-  records, epoch = _records(settings, process_index, process_count)
+  records, epoch, sizes = _records(settings, tokenizer, process_index, process_count)
   groups = records.batch(_GROUP, batch_fn=list)
   ds = groups.map(functools.partial(_format_group, Formatter(tokenizer, settings)))
   ds = ds.to_iter_dataset(_READ_OPTIONS)
@@ -147,43 +189,60 @@ def _local_dataset(settings: Settings, tokenizer: Tokenizer, process_index: int,
       flags.FLAGS.mark_as_parsed()
     ds = WithOptionsIterDataset(ds, DatasetOptions(min_shm_size=_MIN_SHM_BYTES))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.worker_count))
-  skips = _SkipCount()
-  ds = _CheckedIterDataset(ds, settings.skip_bad_records, epoch, skips)
+  counts = _Counts(settings.sources, sizes)
+  ds = _CheckedIterDataset(ds, settings.skip_bad_records, epoch, counts)
   rows = settings.batch_size // process_count
   if settings.format == "rl":
-    return ds.batch(rows, drop_remainder=True, batch_fn=_stack_prompts), skips
+    return ds.batch(rows, drop_remainder=True, batch_fn=_stack_prompts), counts
   prefixes = _PAIR if settings.format == "preference" else ("",)
   ds = _pack(ds, settings, rows, prefixes).batch(rows, drop_remainder=True)
-  return ds.map(functools.partial(_finalize, prefixes=prefixes)), skips
+  return ds.map(functools.partial(_finalize, prefixes=prefixes)), counts
 
 
-def _records(settings: Settings, process_index: int,
-             process_count: int) -> tuple[grain.MapDataset, int]:
-  """This process's share of the mixed record stream, and its records per epoch."""
-  datasets, total = [], 0
+def _records(settings: Settings, tokenizer: Tokenizer, process_index: int,
+             process_count: int) -> tuple[grain.MapDataset, int, list[int]]:
+  """This process's share of the mixed record stream as (source, position in the source's
+  repeated stream, record) triples, its records per epoch, and each source's size."""
+  datasets, sizes = [], []
   for i, spec in enumerate(settings.sources):
-    source = open_source(spec, i)
-    total += len(source)
+    source = open_source(spec, i, all_columns=settings.format == "rl",
+                         piece_bytes=settings.piece_bytes, tokenizer=tokenizer)
+    sizes.append(len(source))
     ds = grain.MapDataset.source(source)
     if settings.shuffle:
       ds = ds.shuffle(seed=settings.seed + i)  # Reshuffled every epoch by repeat().
     ds = ds.repeat(settings.num_epochs)
-    datasets.append(ds.map(functools.partial(parse, kind=spec.kind, fields=spec.fields)))
+    datasets.append(ds.map_with_index(functools.partial(_parse_tagged, source=i, spec=spec)))
+  # grain's weighted mix is a fixed function of the index, so the mixture position is just
+  # the record index every iterator state already holds.
   ds = (datasets[0] if len(datasets) == 1 else
         grain.MapDataset.mix(datasets, [s.weight for s in settings.sources]))
+  total = sum(sizes)
   # Every process takes the same number of records, so none runs out first.
   share = len(ds) // process_count
   if not share:
     raise ValueError(f"the dataset has {len(ds)} records, fewer than the {process_count} "
                      "processes that share it")
-  return ds[process_index:share * process_count:process_count], max(1, total // process_count)
+  return (ds[process_index:share * process_count:process_count],
+          max(1, total // process_count), sizes)
 
 
-def _format_group(formatter: Formatter, group: list[Record | Bad]) -> list[Segment | Bad]:
-  """The segments of a group of records, in order, with a Bad in place of each bad record."""
+def _parse_tagged(position: int, item: tuple[str, Any], source: int,
+                  spec: SourceSpec) -> _Tagged:
+  return source, position, parse(item, kind=spec.kind, fields=spec.fields)
+
+
+# (source index, position in that source's repeated stream, record / segment / Bad).
+_Tagged = tuple[int, int, Any]
+
+
+def _format_group(formatter: Formatter, group: list[_Tagged]) -> list[_Tagged]:
+  """The segments of a group of records, in order, with a Bad in place of each bad record;
+  each keeps its record's source and position for the per-source counts."""
   out = []
-  for item in map(formatter, group):
-    out.extend([item] if isinstance(item, Bad) else item)
+  for source, position, record in group:
+    item = formatter(record)
+    out.extend((source, position, s) for s in ([item] if isinstance(item, Bad) else item))
   return out
 
 
@@ -231,38 +290,73 @@ def _stack_prompts(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
   return batch
 
 
-class _SkipCount:
-  """Records skipped so far by one iterator (restored with its state)."""
+class _Counts:
+  """What one iterator has taken so far (restored with its state): records skipped as bad,
+  and per source the tokens it handed to the packer and how far into the source's repeated
+  stream the mixture has read (which, over the source's size, is the epochs read)."""
 
-  def __init__(self):
-    self.count = 0
+  def __init__(self, sources: Sequence[SourceSpec], sizes: Sequence[int]):
+    self.names = [s.label for s in sources]
+    self.sizes = list(sizes)
+    self.skipped = 0
+    self.tokens = [0] * len(sources)
+    self.read = [0] * len(sources)
+
+  def take(self, source: int, position: int, entry: Any) -> None:
+    self.read[source] = max(self.read[source], position + 1)
+    if not isinstance(entry, Bad):
+      self.tokens[source] += _token_count(entry)
+
+  def metrics(self) -> dict[str, float]:
+    out = {}
+    for name, size, tokens, read in zip(self.names, self.sizes, self.tokens, self.read):
+      out[f"data_tokens/{name}"] = float(tokens)
+      out[f"data_epochs/{name}"] = read / size
+    return out
+
+  def state(self) -> dict[str, Any]:
+    return {"skipped": self.skipped, "tokens": list(self.tokens), "read": list(self.read)}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    n = len(self.names)  # States saved before per-source counts start them from zero.
+    self.skipped = state["skipped"]
+    self.tokens = list(state.get("tokens", [0] * n))
+    self.read = list(state.get("read", [0] * n))
+
+
+def _token_count(segment: Segment) -> int:
+  """Real tokens in a segment: an rl prompt row's length, else all its token arrays."""
+  if "lengths" in segment:
+    return int(segment["lengths"])
+  return sum(v.size for k, v in segment.items() if k.endswith("tokens"))
 
 
 class _CheckedIterDataset(grain.IterDataset):
   """Flattens groups of segments, raising on (or skipping and counting) bad records."""
 
   def __init__(self, parent: grain.IterDataset, skip_bad: bool, patience: int,
-               skips: _SkipCount):
+               counts: _Counts):
     super().__init__(parent)
     self._skip_bad = skip_bad
     self._patience = patience
-    self._skips = skips
+    self._counts = counts
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _CheckedIterator(self._parent.__iter__(), self._skip_bad, self._patience, self._skips)
+    return _CheckedIterator(self._parent.__iter__(), self._skip_bad, self._patience,
+                            self._counts)
 
 
 class _CheckedIterator(grain.DatasetIterator):
   """State: the parent's state before the current group, and the entries taken from it."""
 
   def __init__(self, parent: grain.DatasetIterator, skip_bad: bool, patience: int,
-               skips: _SkipCount):
+               counts: _Counts):
     super().__init__(parent)
     self._skip_bad = skip_bad
     self._patience = patience  # Consecutive bad records that mean none is good.
-    self._skips = skips
+    self._counts = counts
     self._parent_state = parent.get_state()
-    self._group: list[Segment | Bad] = []
+    self._group: list[_Tagged] = []
     self._taken = 0
     self._resume_at = 0  # Entries of the next group already taken before a restore.
     self._bad_run = 0
@@ -273,8 +367,9 @@ class _CheckedIterator(grain.DatasetIterator):
         self._parent_state = self._parent.get_state()
         self._group = next(self._parent)
         self._taken, self._resume_at = self._resume_at, 0
-      entry = self._group[self._taken]
+      source, position, entry = self._group[self._taken]
       self._taken += 1
+      self._counts.take(source, position, entry)
       if not isinstance(entry, Bad):
         self._bad_run = 0
         return entry
@@ -284,9 +379,9 @@ class _CheckedIterator(grain.DatasetIterator):
     if not self._skip_bad:
       raise BadRecordError(f"{bad.origin}: {bad.reason} "
                            "(set config.data.skip_bad_records=True to skip and count such records)")
-    self._skips.count += 1
+    self._counts.skipped += 1
     self._bad_run += 1
-    if self._skips.count <= _LOGGED_SKIPS:
+    if self._counts.skipped <= _LOGGED_SKIPS:
       log.warning("skipping bad record %s: %s", bad.origin, bad.reason)
     if self._bad_run >= self._patience:
       raise ValueError(f"the last {self._bad_run} records were all bad, as many as an epoch "
@@ -295,11 +390,11 @@ class _CheckedIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     # Right after a restore nothing is taken yet and the position is still `_resume_at`.
     return {"parent": self._parent_state, "taken": self._taken + self._resume_at,
-            "skipped": self._skips.count}
+            **self._counts.state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._parent_state = state["parent"]
     self._group, self._taken, self._resume_at = [], 0, state["taken"]
-    self._skips.count = state["skipped"]
+    self._counts.restore(state)
     self._bad_run = 0
