@@ -349,14 +349,19 @@ def token_logprobs(features, table, targets, *, final_softcap=None, chunk_size: 
   """(log p(targets), entropy) [B, T] of the tied logits features @ table.T at temperature 1,
   in float32, chunk by chunk; on the context mesh laid out like token_cross_entropy, the
   outputs split over the batch axes. For scoring: no gradient is meant to flow through it."""
+  return _per_target(_chunked_logprobs, features, table, targets, final_softcap, chunk_size)
+
+
+def _per_target(core, features, table, targets, final_softcap, chunk_size):
+  """core's two [B, T] outputs per target, on one device or on the context mesh (the
+  table's vocabulary sharded, the outputs split over the batch axes)."""
   kw = dict(final_softcap=final_softcap)
   mesh = _context_mesh()
   if mesh is None:
-    return _chunked_logprobs(features, table, targets, chunk_size=chunk_size, vocab_axis=None,
-                             **kw)
+    return core(features, table, targets, chunk_size=chunk_size, vocab_axis=None, **kw)
 
   def per_chip(table, vocab_axis, chunk, x, t):
-    return _chunked_logprobs(x, table, t, chunk_size=chunk, vocab_axis=vocab_axis, **kw)
+    return core(x, table, t, chunk_size=chunk, vocab_axis=vocab_axis, **kw)
 
   batch = P(_batch_axes(mesh))
   return _on_chips(per_chip, mesh, chunk_size, table, (features, targets), (batch, batch))
@@ -383,14 +388,4 @@ def token_scores(features, table, targets, *, final_softcap=None, chunk_size: in
   """(log p(targets) float32, target is the most likely token bool) [B, T] of the tied logits
   at temperature 1: what evaluation needs (lm-evaluation-harness's loglikelihood and
   is_greedy), laid out on the context mesh like token_logprobs."""
-  kw = dict(final_softcap=final_softcap)
-  mesh = _context_mesh()
-  if mesh is None:
-    return _chunked_scores(features, table, targets, chunk_size=chunk_size, vocab_axis=None,
-                           **kw)
-
-  def per_chip(table, vocab_axis, chunk, x, t):
-    return _chunked_scores(x, table, t, chunk_size=chunk, vocab_axis=vocab_axis, **kw)
-
-  batch = P(_batch_axes(mesh))
-  return _on_chips(per_chip, mesh, chunk_size, table, (features, targets), (batch, batch))
+  return _per_target(_chunked_scores, features, table, targets, final_softcap, chunk_size)

@@ -199,6 +199,7 @@ def stop_after(step):
                              hooks=(hooks.before_step(stop), *dpo_trainer.TASK.hooks))
 
 
+@pytest.mark.slow  # ~45 s; SFT's LoRA resume test covers the checkpoint path
 def test_lora_resume_continues_identically(tmp_path):
   """8 devices, LoRA rank 4: the reference is the base with the initial adapters (step 1:
   rewards 0); a run stopped at step 2 and resumed equals a straight one bit for bit

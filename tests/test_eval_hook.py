@@ -25,6 +25,7 @@ def make_config(tmp_path, **eval_overrides):
   return c
 
 
+@pytest.mark.slow  # a training run with tasks, ~25 s
 def test_task_metrics_are_logged_with_the_eval_loss(tmp_path):
   c = make_config(tmp_path)
   workdir = tmp_path / "run"

@@ -157,6 +157,7 @@ def test_one_update_without_clipping_is_reinforce(mode, clip):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
 
 
+@pytest.mark.slow  # 60 steps of the demo, ~30 s
 def test_demo_reward_rises(tmp_path):
   """configs/grpo_tiny.py shortened to 60 steps (15 rollouts), one CPU device. Seeded: the
   mean reward goes 0.05 (steps 1-10) -> 0.49 (steps 51-60)."""
