@@ -170,6 +170,7 @@ def _step(x, d, *, size):
   return x + size * d
 
 
+@pytest.mark.slow  # 20 demo steps with evaluation, ~25 s
 def test_demo_raises_held_out_reward_accuracy(tmp_path):
   """configs/dpo_tiny.py shortened to 20 steps, as a user runs it (one CPU device): step 1's
   policy is its reference (loss log 2, rewards 0); held-out accuracy at step 20 > 0.9

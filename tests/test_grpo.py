@@ -189,6 +189,7 @@ def stop_at(step):
   return dataclasses.replace(rlhf.TASK, hooks=(hooks.before_step(stop), *rlhf.TASK.hooks))
 
 
+@pytest.mark.slow  # ~50 s of cycles, a stop and a resume
 def test_stop_inside_a_cycle_waits_for_its_end_and_resumes_exactly(tmp_path):
   """8 devices, cycles of 2 steps (2 minibatches): a stop asked for at step 1 saves at step
   2; the resumed run's rollout at step 3 and the updates equal a straight run's."""

@@ -84,6 +84,7 @@ COMPARED = {"multiple_choice": {"acc", "acc_norm"}, "generation": {"exact_match"
             "perplexity": {"word_perplexity", "byte_perplexity", "bits_per_byte"}}
 
 
+@pytest.mark.slow  # imports lm_eval and runs the harness, ~55 s
 def test_harness_numbers_equal_gemma_jax_eval(setup):
   path, model, tok, tasks = setup
   out = lm_eval.simple_evaluate(
