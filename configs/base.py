@@ -154,21 +154,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
   Cheap checks only (no model is built): this runs before anything else at start-up.
   """
   _check_schema(c, get_config(), "config")
-  try:
-    cfg = model_config(c)
-  except ValueError as e:
-    raise ConfigError(f"config.model: {e}") from e
+  cfg = validate_layout(c, num_devices)
   t = c.train
-  _at_least(t, "train", steps=1, global_batch_size=1, seq_len=2, microbatches=1,
-            loss_chunk_size=1, max_skipped_in_a_row=0)
-  if t.seq_len > cfg.max_seq_len:
-    raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds the model's max_seq_len="
-                      f"{cfg.max_seq_len} (config.model.max_seq_len)")
   if t.z_loss < 0:
     raise ConfigError(f"config.train.z_loss={t.z_loss} must be >= 0")
   if t.non_finite not in NON_FINITE:
     raise ConfigError(f"config.train.non_finite={t.non_finite!r}; choose one of {NON_FINITE}")
-  _check_mesh(c, cfg, num_devices)
   _check_optimizer(c)
   _check_data(c)
   _check_tokenizer(c.tokenizer, cfg)
@@ -259,6 +250,23 @@ def _type_ok(value, default, schema, key) -> bool:
   if isinstance(default, (tuple, list)):
     return isinstance(value, (tuple, list))
   return isinstance(value, type(default))
+
+
+def validate_layout(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
+  """The checks of `validate` that a step's shape and layout must pass (model, train sizes,
+  mesh), without data or tokenizer: what launch.plan asks of each candidate."""
+  try:
+    cfg = model_config(c)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e
+  t = c.train
+  _at_least(t, "train", steps=1, global_batch_size=1, seq_len=2, microbatches=1,
+            loss_chunk_size=1, max_skipped_in_a_row=0)
+  if t.seq_len > cfg.max_seq_len:
+    raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds the model's max_seq_len="
+                      f"{cfg.max_seq_len} (config.model.max_seq_len)")
+  _check_mesh(c, cfg, num_devices)
+  return cfg
 
 
 def _at_least(section, name: str, **lows: int) -> None:

@@ -19,7 +19,8 @@ _SAVE_WEIGHT_DOTS = _policies.save_only_these_names(WEIGHT_DOT)
 
 # "none": keep every activation; "full": keep only the block input; "dots": keep matmul
 # outputs; "dots_with_no_batch_dims": keep matmul outputs without batch dims (weights-only
-# products); "save_qkv_proj": keep the q/k/v projections and nothing else.
+# products); "save_qkv_proj": keep the q/k/v projections and nothing else;
+# "offload_qkv_proj": the same, kept in host memory (TPU: frees HBM, costs host transfers).
 POLICIES = {
     "none": None,
     "full": _policies.nothing_saveable,
@@ -27,4 +28,7 @@ POLICIES = {
     "dots_with_no_batch_dims": _policies.save_from_both_policies(
         _policies.dots_with_no_batch_dims_saveable, _SAVE_WEIGHT_DOTS),
     "save_qkv_proj": _policies.save_only_these_names(QUERY_PROJ, KEY_PROJ, VALUE_PROJ),
+    "offload_qkv_proj": _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[QUERY_PROJ, KEY_PROJ, VALUE_PROJ],
+        offload_src="device", offload_dst="pinned_host"),
 }

@@ -19,7 +19,9 @@ worker runs the same trainer command (`--worker=all`), which joins the job with
   `--source git+URL[@REF]` is fetched there; then --install runs in it (default: a Python
   3.11 venv made by uv, with this package and jax[tpu]; a second setup reuses the venv).
 - run: the command on every worker of every slice, in ~/gemma-jax with the venv's python,
-  PYTHONUNBUFFERED=1 and each --env KEY=VALUE; with --slices N the command gets
+  PYTHONUNBUFFERED=1, LIBTPU_INIT_ARGS set to MaxText's v5e flags for asynchronous, fused and
+  overlapped collectives (launch.libtpu_flags; `--env LIBTPU_INIT_ARGS=...` replaces them,
+  an empty value keeps libtpu's defaults) and each --env KEY=VALUE; with --slices N the command gets
   --config.mesh.dcn_data=N unless it sets a mesh.dcn_* key itself (the MEGASCALE_* variables
   that multi-slice JAX needs are set by the TPU runtime of a multi-node queued resource).
   Without --detach the output of all workers streams here and ends with the job; with it the
@@ -48,6 +50,7 @@ from pathlib import Path
 
 from gemma_jax import exits
 from gemma_jax.exits import EXIT_PREEMPTED
+from launch import libtpu_flags
 
 REMOTE_DIR = "~/gemma-jax"
 REMOTE_ARCHIVE = "~/gemma-jax.tar.gz"
@@ -158,7 +161,7 @@ def trainer_line(args: argparse.Namespace) -> str:
   if is_trainer and args.slices > 1 and not any(a.startswith("--config.mesh.dcn_")
                                                 for a in command):
     command.append(f"--config.mesh.dcn_data={args.slices}")
-  env = {"PYTHONUNBUFFERED": "1"}
+  env = {"PYTHONUNBUFFERED": "1", libtpu_flags.ENV: libtpu_flags.DEFAULT}
   for item in args.env:
     key, sep, value = item.partition("=")
     if not sep or not key:

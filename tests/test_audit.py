@@ -14,7 +14,8 @@ from configs import dpo_tiny, grpo_tiny, reward_tiny, rlhf_tiny, sft_tiny, tiny
 from gemma_jax import sharding
 from gemma_jax.losses import chunked_cross_entropy
 from gemma_jax.train_step import jit_train_step
-from launch import aot, audit, hlo
+from launch import audit, hlo
+from launch import compile_step as aot
 from trainers import rlhf
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

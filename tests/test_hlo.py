@@ -354,7 +354,7 @@ def test_unknown_trip_count_is_reported_not_guessed():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (pip install 'jax[tpu]'): no TPU topology")
 def test_aot_for_tpu_topology():
-  from launch.aot import topology_devices
+  from launch.compile_step import topology_devices
 
   text = _compile_shard_map(topology_devices("v5e:2x2"))
   assert "known_trip_count" not in text  # XLA:TPU leaves the trips to be read off the loop

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import tpu_vm
+from launch import libtpu_flags, tpu_vm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = ["--name", "gemma", "--zone", "us-west4-a", "--project", "proj"]
@@ -48,14 +48,25 @@ def test_single_slice_commands():
   assert run[:9] == setup[1][:9]
   remote = run[9].removeprefix("--command=")
   assert shlex.split(remote) == [
-      "cd", "~/gemma-jax", "&&", "exec", "env", "PYTHONUNBUFFERED=1", "TPU_STDERR_LOG_LEVEL=0",
-      ".venv/bin/python", "-m", "trainers.pretrain", "--config", "configs/gemma_2b.py",
+      "cd", "~/gemma-jax", "&&", "exec", "env", "PYTHONUNBUFFERED=1",
+      f"LIBTPU_INIT_ARGS={libtpu_flags.DEFAULT}", "TPU_STDERR_LOG_LEVEL=0", ".venv/bin/python", "-m", "trainers.pretrain", "--config", "configs/gemma_2b.py",
       "--workdir", "/mnt/ckpt/gemma_2b", "--config.tokenizer.path=/mnt/data/tokenizer.model",
       "--config.data.sources=({'path': '/mnt/data/*.array_record'},)", "--distributed"]
 
   assert _plan("delete", *SCOPE) == [[
       "gcloud", "compute", "tpus", "tpu-vm", "delete", "gemma", "--zone=us-west4-a",
       "--project=proj", "--quiet"]]
+
+
+def test_libtpu_flags_are_the_default_and_can_be_replaced():
+  def libtpu_env(*env):
+    (run,) = _plan("run", *SCOPE, *env, *TRAIN)
+    words = shlex.split(run[-1].removeprefix("--command="))
+    return [w for w in words if w.startswith("LIBTPU_INIT_ARGS=")]
+  assert libtpu_env() == [f"LIBTPU_INIT_ARGS={libtpu_flags.DEFAULT}"]
+  assert "--xla_tpu_overlap_compute_collective_tc=true" in libtpu_flags.FLAGS
+  assert libtpu_env("--env", "LIBTPU_INIT_ARGS=--xla_x=1") == ["LIBTPU_INIT_ARGS=--xla_x=1"]
+  assert libtpu_env("--env", "LIBTPU_INIT_ARGS=") == ["LIBTPU_INIT_ARGS="]
 
 
 def test_multi_slice_commands():

@@ -5,7 +5,6 @@ import importlib.util
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -14,10 +13,10 @@ from flax import nnx
 from configs import base
 from gemma_jax import sharding
 from gemma_jax.config import get_config
+from gemma_jax.losses import lm_loss
 from gemma_jax.model import abstract_model
 from gemma_jax.optim import make_optimizer, weight_decay_mask
 from gemma_jax.train_state import RunLayout
-from gemma_jax.losses import lm_loss
 from gemma_jax.train_step import jit_train_step
 
 CFG = get_config("tiny_gemma2", dtype="float32")
@@ -149,7 +148,7 @@ def test_optimizer_moments_share_param_shardings():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (pip install 'jax[tpu]'): no TPU topology")
 def test_aot_compile_for_tpu_topology(capsys):
-  from launch import aot
+  from launch import compile_step as aot
 
   config = ml_collections.ConfigDict(base.get_config())
   config.model.preset = "tiny_gemma3"
