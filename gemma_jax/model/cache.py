@@ -87,7 +87,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, length: int, dtype=None, *,
   per_row: one write index per row instead of a shared one."""
   dtype = jnp.dtype(dtype or cfg.dtype)
   kv_shape = (cfg.num_layers, batch_size, length, cfg.num_kv_heads, cfg.head_dim)
-  slots = jnp.zeros((batch_size, length), jnp.int32)
-  return KVCache(k=jnp.zeros(kv_shape, dtype), v=jnp.zeros(kv_shape, dtype), positions=slots,
-                 segment_ids=slots,
+  slots = lambda: jnp.zeros((batch_size, length), jnp.int32)  # distinct buffers: donatable
+  return KVCache(k=jnp.zeros(kv_shape, dtype), v=jnp.zeros(kv_shape, dtype), positions=slots(),
+                 segment_ids=slots(),
                  index=jnp.zeros((batch_size,) if per_row else (), jnp.int32))
