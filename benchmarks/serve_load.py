@@ -219,8 +219,9 @@ def main() -> None:
                       / pick["static"]["tokens_per_s"],
                       "ttft_p95_ratio": pick["continuous"]["ttft_p95_s"]
                       / pick["static"]["ttft_p95_s"]})
+      ratios = summary[-1]
       print(f"{name} x{clients}: continuous / static throughput "
-            f"{summary[-1]['throughput_ratio']:.2f}x, p95 TTFT {summary[-1]['ttft_p95_ratio']:.2f}x")
+            f"{ratios['throughput_ratio']:.2f}x, p95 TTFT {ratios['ttft_p95_ratio']:.2f}x")
   with open(args.json, "w") as f:
     json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
                "cpus": os.cpu_count(), "rows": rows, "continuous_vs_static": summary}, f,

@@ -16,6 +16,7 @@ from test_serve import CORPUS, TIMEOUT, events, request, serving
 from gemma_jax.config import get_config
 from gemma_jax.model import init_model
 from gemma_jax.sampler import Sampler, SamplingParams
+from gemma_jax.serving import metrics
 from gemma_jax.serving.api import create_app
 from gemma_jax.serving.continuous import ContinuousEngine
 from gemma_jax.serving.engine import Job
@@ -208,8 +209,8 @@ def test_48_clients_get_their_own_answers_while_health_answers(sampler):
   prompts, params = workload(48, seed=1)
   texts = [sampler.tokenizer.decode(p[:12]) or "bread" for p in prompts]
   budgets = [sp.max_new_tokens * (3 if i % 8 == 0 else 1) for i, sp in enumerate(params)]
-  want = [sampler.generate([t], SamplingParams(max_new_tokens=n))[0].text
-          for t, n in zip(texts, budgets)]
+  want = [c.text for c in sampler.generate(texts, [SamplingParams(max_new_tokens=n)
+                                                    for n in budgets])]
   health, done = [], threading.Event()
 
   def poll_health(url):
@@ -244,3 +245,23 @@ def test_48_clients_get_their_own_answers_while_health_answers(sampler):
   assert ok == 48 and generated >= sum(n for _, _, n in results if n is not None)
   assert health and all(status == 200 and took < 5 for status, took, _ in health)
   assert max(active for _, _, active in health) > 1
+
+
+def test_metrics_are_prometheus_text():
+  stats = metrics.Metrics({"gemma_queue_depth": ("Waiting.", lambda: 3)})
+  stats.started(7)
+  stats.first_token(0.02)
+  stats.tokens(5)
+  stats.finished("ok", 0.5, 0.02, 5)
+  stats.rejected()
+  lines = stats.render().splitlines()
+  for family, kind in [("gemma_requests_total", "counter"), ("gemma_queue_depth", "gauge"),
+                       ("gemma_time_to_first_token_seconds", "histogram")]:
+    assert f"# TYPE {family} {kind}" in lines
+  assert {'gemma_requests_total{outcome="ok"} 1', 'gemma_requests_total{outcome="rejected"} 1',
+          "gemma_prompt_tokens_total 7", "gemma_generation_tokens_total 5",
+          "gemma_queue_depth 3", 'gemma_time_to_first_token_seconds_bucket{le="0.01"} 0',
+          'gemma_time_to_first_token_seconds_bucket{le="0.025"} 1',
+          'gemma_time_to_first_token_seconds_bucket{le="+Inf"} 1',
+          "gemma_time_to_first_token_seconds_count 1",
+          "gemma_time_per_output_token_seconds_sum 0.12"} <= set(lines)
