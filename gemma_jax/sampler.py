@@ -171,12 +171,31 @@ class DecodeState:
   logprobs: jax.Array  # [B, max_new]
 
 
+def row_settings(params: Sequence[SamplingParams], batch: int) -> RowSettings:
+  """Host arrays [batch] of params' settings; rows past len(params) are padding (max_new 0)."""
+  column = lambda f, dtype: np.array([f(p) for p in params] + [0] * (batch - len(params)),
+                                     dtype)
+  return RowSettings(temperature=column(lambda p: p.temperature, np.float32),
+                     top_k=column(lambda p: p.top_k, np.int32),
+                     top_p=column(lambda p: p.top_p, np.float32),
+                     max_new=column(lambda p: p.max_new_tokens, np.int32),
+                     seed=column(lambda p: p.seed, np.uint32))
+
+
+def sample_rows(logits: jax.Array, rows: RowSettings, count: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """(token, its logprob) per row [B]: each row's key is its seed folded with its count of
+  tokens so far, so a row's draws depend on nothing else (not its row number, not the batch)."""
+  keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(rows.seed, count)
+  token = sample_tokens(logits, keys, rows.temperature, rows.top_k, rows.top_p)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+  return token, logprob
+
+
 def _advance(state: DecodeState, logits: jax.Array, stop_ids: jax.Array) -> DecodeState:
   """Sample from logits [B, V], record the token for rows still running, update done."""
   rows = state.rows
-  keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(rows.seed, state.count)
-  token = sample_tokens(logits, keys, rows.temperature, rows.top_k, rows.top_p)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+  token, logprob = sample_rows(logits, rows, state.count)
   live = ~state.done
   batch = jnp.arange(token.shape[0])
   slot = jnp.where(live, state.count, state.tokens.shape[1])  # finished rows: write dropped
@@ -261,7 +280,7 @@ def bucket(n: int, least: int = MIN_BUCKET) -> int:
   return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
-class _RowText:
+class RowText:
   """Host-side view of one row: stop strings, final truncation and streamed text deltas."""
 
   def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer | None):
@@ -376,7 +395,7 @@ class Sampler:
     prompt_ids, row_params = self._checked(prompts, params)
     if not prompt_ids and self._processes == 1:
       return
-    rows = [_RowText(ids, p, self.tokenizer) for ids, p in zip(prompt_ids, row_params)]
+    rows = [RowText(ids, p, self.tokenizer) for ids, p in zip(prompt_ids, row_params)]
     state = self.prefill(prompt_ids, row_params)
     while True:
       count, done, stopped, tokens, logprobs = (self._host(x) for x in (
@@ -448,13 +467,7 @@ class Sampler:
       tokens[i, width - len(ids):] = ids
     lengths = np.zeros(batch, np.int32)
     lengths[:len(prompt_ids)] = list(map(len, prompt_ids))
-    column = lambda f, dtype: np.array([f(p) for p in params] + [0] * (batch - len(params)),
-                                       dtype)
-    rows = RowSettings(temperature=column(lambda p: p.temperature, np.float32),
-                       top_k=column(lambda p: p.top_k, np.int32),
-                       top_p=column(lambda p: p.top_p, np.float32),
-                       max_new=column(lambda p: p.max_new_tokens, np.int32),
-                       seed=column(lambda p: p.seed, np.uint32))
+    rows = row_settings(params, batch)
     return _prefill(self.graphdef, self.params, self._put(tokens), self._put(lengths),
                     self._put(rows), self.stop_ids, cache_length=width + max_new,
                     max_new=max_new, mesh=self.mesh, batch_axes=self.batch_axes)

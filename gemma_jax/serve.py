@@ -1,10 +1,21 @@
 """HTTP server for a model directory: seed `/score`, OpenAI-style completions and chat.
 
   python -m gemma_jax.serve --checkpoint DIR [--host 127.0.0.1 --port 8000]
+      [--engine continuous|static --max_batch 16 --request_timeout_s 600]
 
 Routes: POST /score, POST /v1/completions, POST /v1/chat/completions (both OpenAI routes
-stream with `"stream": true`), GET /health. Formats and errors: gemma_jax/serving/api.py.
-Requests arriving within --batch_wait_ms of each other are generated as one batch.
+stream with `"stream": true`), GET /health, GET /metrics (Prometheus text format). Formats and
+errors: gemma_jax/serving/api.py.
+
+--engine continuous (the default, gemma_jax/serving/continuous.py) decodes --max_batch slots
+together and lets requests join and leave between any two decode steps: a waiting prompt is
+prefilled (in chunks of --prefill_chunk tokens) into a free slot while the others keep
+decoding, and a finished or cancelled row frees its slot at once. Each slot holds
+--cache_len positions (prompt + new tokens; default: the model's context). --engine static
+(gemma_jax/serving/engine.py) generates the requests arriving within --batch_wait_ms of each
+other as one batch that runs to completion. Both queue at most --max_queue requests (then
+503 + Retry-After); a request not finished --request_timeout_s after it arrived ends with 504
+(0: no timeout); a client that disconnects cancels its request.
 """
 
 from __future__ import annotations
@@ -17,24 +28,37 @@ import uvicorn
 from gemma_jax import exits
 from gemma_jax.model_dir import load_model_dir
 from gemma_jax.sampler import Sampler
-from gemma_jax.serving.api import DEFAULT_MAX_BODY_BYTES, create_app
-from gemma_jax.serving.engine import Engine
+from gemma_jax.serving.api import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S, create_app
+from gemma_jax.serving.continuous import DEFAULT_PREFILL_CHUNK, ContinuousEngine
+from gemma_jax.serving.engine import BaseEngine, Engine
 from gemma_jax.tokenizer import Tokenizer
 
+ENGINES = ("continuous", "static")
 
-def build_app(checkpoint: str, *, dtype: str | None = None, max_batch: int = 16,
-              max_queue: int = 64, batch_wait_ms: float = 10.0,
-              max_new_tokens_limit: int = 1024, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+
+def build_app(checkpoint: str, *, dtype: str | None = None, engine: str = "continuous",
+              max_batch: int = 16, max_queue: int = 64, batch_wait_ms: float = 10.0,
+              cache_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+              max_new_tokens_limit: int = 1024, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              request_timeout_s: float | None = DEFAULT_TIMEOUT_S):
   """(app, engine) for a model directory; the caller starts and stops the engine."""
+  if engine not in ENGINES:
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
   overrides = {"dtype": dtype} if dtype else {}
   cfg, model, tokenizer_path = load_model_dir(checkpoint, **overrides)
   if tokenizer_path is None:
     raise ValueError(f"{checkpoint}: no tokenizer.model; the server needs one")
-  engine = Engine(Sampler(model, Tokenizer(tokenizer_path)), max_batch=max_batch,
-                  max_queue=max_queue, batch_wait_s=batch_wait_ms / 1000)
-  app = create_app(engine, model_name=cfg.name, max_new_tokens_limit=max_new_tokens_limit,
-                   max_body_bytes=max_body_bytes)
-  return app, engine
+  sampler = Sampler(model, Tokenizer(tokenizer_path))
+  worker: BaseEngine
+  if engine == "continuous":
+    worker = ContinuousEngine(sampler, max_batch=max_batch, max_queue=max_queue,
+                              cache_len=cache_len, prefill_chunk=prefill_chunk)
+  else:
+    worker = Engine(sampler, max_batch=max_batch, max_queue=max_queue,
+                    batch_wait_s=batch_wait_ms / 1000)
+  app = create_app(worker, model_name=cfg.name, max_new_tokens_limit=max_new_tokens_limit,
+                   max_body_bytes=max_body_bytes, timeout_s=request_timeout_s)
+  return app, worker
 
 
 @exits.command("gemma_jax.serve")
@@ -45,20 +69,35 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--port", type=int, default=8000)
   parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                       help="compute dtype override")
-  parser.add_argument("--max_batch", type=int, default=16, help="rows generated together")
+  parser.add_argument("--engine", choices=ENGINES, default="continuous",
+                      help="continuous: rows join and leave at every decode step; static: "
+                      "batches of requests that arrive together, run to completion")
+  parser.add_argument("--max_batch", type=int, default=16,
+                      help="rows generated together (continuous: decode slots)")
   parser.add_argument("--max_queue", type=int, default=64,
-                      help="requests waiting for a batch before 503")
+                      help="requests waiting to start before 503")
   parser.add_argument("--batch_wait_ms", type=float, default=10.0,
-                      help="how long a batch waits for more requests")
+                      help="static: how long a batch waits for more requests")
+  parser.add_argument("--cache_len", type=int,
+                      help="continuous: positions per slot, prompt + new tokens (default: the "
+                      "model's context)")
+  parser.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                      help="continuous: prompt tokens read between two decode steps")
+  parser.add_argument("--request_timeout_s", type=float, default=DEFAULT_TIMEOUT_S,
+                      help="a request not finished this long after it arrived gets 504 "
+                      "(0: never)")
   parser.add_argument("--max_new_tokens_limit", type=int, default=1024)
   parser.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                       help="larger request bodies get 413 unread")
   args = parser.parse_args(argv)
   try:
-    app, engine = build_app(args.checkpoint, dtype=args.dtype, max_batch=args.max_batch,
-                            max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms,
+    app, engine = build_app(args.checkpoint, dtype=args.dtype, engine=args.engine,
+                            max_batch=args.max_batch, max_queue=args.max_queue,
+                            batch_wait_ms=args.batch_wait_ms, cache_len=args.cache_len,
+                            prefill_chunk=args.prefill_chunk,
                             max_new_tokens_limit=args.max_new_tokens_limit,
-                            max_body_bytes=args.max_body_bytes)
+                            max_body_bytes=args.max_body_bytes,
+                            request_timeout_s=args.request_timeout_s)
   except (FileNotFoundError, ValueError) as e:
     raise exits.UsageError(exits.describe(e)) from e  # --checkpoint at fault
   engine.start()

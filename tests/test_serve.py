@@ -103,6 +103,7 @@ def test_health(server):
   url, _ = server
   status, body = request(f"{url}/health")
   assert status == 200 and body["status"] == "ok" and body["model"] == "tiny_gemma1"
+  assert body["engine"] == "ContinuousEngine" and body["active"] == 0
 
 
 def test_score_seed_format(server):
@@ -283,8 +284,17 @@ def test_unknown_route_and_method_use_the_error_shape(server, method, route, sta
       "message": message, "type": "invalid_request_error", "param": None}}
 
 
-def test_16_concurrent_clients_are_batched_and_answered(server):
-  url, engine = server
+@pytest.fixture(scope="module")
+def static_server(model_dir):
+  app, engine = build_app(str(model_dir), engine="static", max_batch=16, batch_wait_ms=50,
+                          max_new_tokens_limit=200, max_body_bytes=BODY_LIMIT)
+  with serving(app, engine) as url:
+    yield url, engine
+
+
+def test_16_concurrent_clients_are_batched_and_answered(static_server):
+  """The static batcher (--engine static) gathers requests that arrive together."""
+  url, engine = static_server
   batches = []
   stream = engine.sampler.stream
 

@@ -1,1 +1,1 @@
-"""The HTTP server behind `python -m gemma_jax.serve`: a batching engine and its FastAPI routes."""
+"""The HTTP server behind `python -m gemma_jax.serve`: engines, routes and metrics."""

@@ -3,8 +3,11 @@
 Every error is JSON `{"error": {"message", "type", "param"}}` where `param` names the bad
 field as a dotted path (e.g. `input_data.parameters.top_p`): 400 for a bad request (invalid
 JSON names its line and column), 404 and 405 for an unknown route or method, 413 for a body
-over `max_body_bytes`, 503 (with Retry-After) when the queue is full, 500 if generation itself
-fails.
+over `max_body_bytes`, 503 (with Retry-After) when the queue is full, 504 when a request waits
+and runs longer than the server's `timeout_s`, 500 if generation itself fails. A streamed
+response has sent its headers already: its errors come in-band as a last `data: {"error": ...}`
+event before `data: [DONE]`. A client that disconnects cancels its request (a non-streamed
+one is checked every DISCONNECT_POLL_S seconds).
 
 POST /score takes `{"input_data": {"input_string": [...], "parameters": {...}}}` and returns
 `{"output": [prompt + continuation, ...], "details": [{"generated_text", "finish_reason",
@@ -14,6 +17,8 @@ POST /score takes `{"input_data": {"input_string": [...], "parameters": {...}}}`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -23,7 +28,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -31,10 +36,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from gemma_jax.sampler import Completion, Delta, SamplingParams
-from gemma_jax.serving.engine import Engine, Job, QueueFull
+from gemma_jax.serving import metrics
+from gemma_jax.serving.engine import BaseEngine, Job, QueueFull
 
 # Ample for a batch of long prompts; a body is parsed and tokenized whole, so it is bounded.
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_TIMEOUT_S = 600.0
+DISCONNECT_POLL_S = 0.25
+
+
+class RequestTimeout(Exception):
+  """A request waited and ran longer than the server's timeout."""
+
+
+class ClientGone(Exception):
+  """The client disconnected before its answer was ready."""
 
 
 class BadRequest(Exception):
@@ -115,13 +131,15 @@ class ChatRequest(OpenAIParams):
 class Generation:
   """Request checks and generation for the routes: sampling params, prompts, the engine."""
 
-  def __init__(self, engine: Engine, max_new_tokens_limit: int):
-    self.engine, self.limit = engine, max_new_tokens_limit
+  def __init__(self, engine: BaseEngine, max_new_tokens_limit: int, timeout_s: float | None,
+               stats: metrics.Metrics):
+    self.engine, self.limit, self.timeout_s, self.stats = (engine, max_new_tokens_limit,
+                                                           timeout_s, stats)
     self.tokenizer = engine.sampler.tokenizer
     if self.tokenizer is None:
       raise ValueError("the server needs a tokenizer: the model directory has no "
                        "tokenizer.model")
-    self.context = engine.sampler.config.max_seq_len
+    self.context = engine.context
 
   def max_new(self, body: BaseModel, field: str) -> int:
     """The requested budget; a default never exceeds the server's limit."""
@@ -169,51 +187,130 @@ class Generation:
       raise BadRequest(max_new_field, f"{len(prompt)} prompt tokens + {max_new} new tokens "
                        f"exceed the context of {self.context} tokens")
 
-  def submit(self, prompts: list[list[int]], params: list[SamplingParams]
-             ) -> AsyncIterator[Delta]:
+  def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> Deltas:
     """Queue the request now (so a full queue is a 503, not a broken stream); its deltas."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Delta | Exception] = asyncio.Queue()
     put = lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item)
-    self.engine.submit(Job(prompts, params, on_delta=put, on_error=put))
-    return _drain(inbox, len(prompts))
+    job = Job(prompts, params, on_delta=put, on_error=put)
+    try:
+      self.engine.submit(job)
+    except QueueFull:
+      self.stats.rejected()
+      raise
+    self.stats.started(sum(map(len, prompts)))
+    return Deltas(job, self._drain(job, inbox))
 
-  async def complete(self, prompts: list[list[int]], params: list[SamplingParams]
-                     ) -> list[Completion]:
+  async def _drain(self, job: Job, inbox: asyncio.Queue) -> AsyncIterator[Delta]:
+    """The job's deltas until every row has finished; cancels the job if it ends early
+    (timeout, error, or the consumer gone: a cancelled task or a closed generator)."""
+    start, rows, first, tokens, outcome = time.monotonic(), len(job.prompts), None, 0, "error"
+    deadline = None if not self.timeout_s else start + self.timeout_s
+    try:
+      while rows:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+          item = await asyncio.wait_for(inbox.get(), left)
+        except TimeoutError:
+          outcome = "timeout"
+          raise RequestTimeout(f"request timed out: not finished within {self.timeout_s:g} s "
+                               "of waiting and generating (the server's "
+                               "--request_timeout_s)") from None
+        if isinstance(item, Exception):
+          raise item
+        if item.tokens:
+          if first is None:
+            first = time.monotonic() - start
+            self.stats.first_token(first)
+          tokens += len(item.tokens)
+          self.stats.tokens(len(item.tokens))
+        rows -= item.completion is not None
+        yield item
+      outcome = "ok"
+    except (asyncio.CancelledError, GeneratorExit, ClientGone):
+      outcome = "cancelled"
+      raise
+    finally:
+      if rows:
+        job.cancel()
+      self.stats.finished(outcome, time.monotonic() - start, first, tokens)
+
+  async def complete(self, request: Request, prompts: list[list[int]],
+                     params: list[SamplingParams]) -> list[Completion]:
+    """Every row's Completion; ClientGone (the job cancelled) if the client disconnects."""
     done: list[Completion | None] = [None] * len(prompts)
-    async for delta in self.submit(prompts, params):
-      done[delta.row] = delta.completion or done[delta.row]
-    return done
+    deltas = self.submit(prompts, params)
+
+    async def collect() -> list[Completion]:
+      async for delta in deltas:
+        done[delta.row] = delta.completion or done[delta.row]
+      return done
+
+    task = asyncio.ensure_future(collect())
+    while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+      if await request.is_disconnected():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+          await task
+        await deltas.close()
+        raise ClientGone("the client disconnected")
+    return task.result()
 
 
-def create_app(engine: Engine, *, model_name: str, max_new_tokens_limit: int,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-  """The app serving `engine`'s sampler (which must have a tokenizer)."""
-  gen = Generation(engine, max_new_tokens_limit)
+@dataclasses.dataclass
+class Deltas:
+  """A submitted request's deltas (an async iterator); `close()` cancels it if unfinished,
+  even when it was never iterated (a stream whose client left before its first event)."""
+
+  job: Job
+  stream: AsyncIterator[Delta]
+
+  def __aiter__(self) -> AsyncIterator[Delta]:
+    return self.stream
+
+  async def close(self) -> None:
+    self.job.cancel()  # nothing for the engine to drop once every row has finished
+    await self.stream.aclose()
+
+
+def create_app(engine: BaseEngine, *, model_name: str, max_new_tokens_limit: int,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               timeout_s: float | None = DEFAULT_TIMEOUT_S) -> FastAPI:
+  """The app serving `engine`'s sampler (which must have a tokenizer); timeout_s None or 0:
+  requests never time out."""
+  stats = metrics.Metrics({
+      "gemma_queue_depth": ("Requests waiting to start.", lambda: engine.waiting),
+      "gemma_active_slots": ("Rows being generated.", lambda: engine.active),
+      "gemma_max_slots": ("Rows the engine generates at once.", lambda: engine.max_batch)})
+  gen = Generation(engine, max_new_tokens_limit, timeout_s, stats)
   app = FastAPI(title="gemma-jax", version="0.1.0")
   app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
   _add_error_handlers(app)
 
   @app.get("/health")
   async def health() -> dict:
-    return {"status": "ok", "model": model_name, "waiting": engine.waiting,
-            "max_batch": engine.max_batch}
+    return {"status": "ok", "model": model_name, "engine": type(engine).__name__,
+            "waiting": engine.waiting, "active": engine.active, "max_batch": engine.max_batch}
+
+  @app.get("/metrics")
+  async def metrics_text() -> PlainTextResponse:
+    return PlainTextResponse(stats.render(), media_type=metrics.CONTENT_TYPE)
 
   @app.post("/score")
-  async def score(body: ScoreRequest) -> dict:
+  async def score(body: ScoreRequest, request: Request) -> dict:
     p, texts = body.input_data.parameters, body.input_data.input_string
     max_new, field = gen.max_new(p, "max_new_tokens"), "input_data.parameters.max_new_tokens"
     params = gen.sampling(len(texts), max_new, p.temperature if p.do_sample else 0.0, p.top_k,
                           p.top_p, p.seed, p.stop, field)
-    rows = await gen.complete(gen.encode_all(texts, max_new, "input_data.input_string", field),
-                              params)
+    rows = await gen.complete(request, gen.encode_all(texts, max_new, "input_data.input_string",
+                                                      field), params)
     return {"output": [s + c.text for s, c in zip(texts, rows)],
             "details": [{"generated_text": c.text, "finish_reason": c.finish_reason,
                          "prompt_tokens": len(c.prompt_tokens),
                          "completion_tokens": len(c.tokens)} for c in rows]}
 
   @app.post("/v1/completions")
-  async def completions(body: CompletionRequest):
+  async def completions(body: CompletionRequest, request: Request):
     params = gen.openai_sampling(body, len(body.prompt))
     prompts = gen.encode_all(body.prompt, params[0].max_new_tokens, "prompt", "max_tokens")
     head = _head("cmpl", "text_completion", model_name)
@@ -221,13 +318,13 @@ def create_app(engine: Engine, *, model_name: str, max_new_tokens_limit: int,
       chunk = lambda d: {**head, "choices": [{"index": d.row, "text": d.text, "logprobs": None,
                                               "finish_reason": _reason(d)}]}
       return _sse(gen.submit(prompts, params), chunk)
-    rows = await gen.complete(prompts, params)
+    rows = await gen.complete(request, prompts, params)
     return {**head, "choices": [{"index": i, "text": c.text, "logprobs": None,
                                  "finish_reason": c.finish_reason} for i, c in enumerate(rows)],
             "usage": _usage(rows)}
 
   @app.post("/v1/chat/completions")
-  async def chat(body: ChatRequest):
+  async def chat(body: ChatRequest, request: Request):
     params = gen.openai_sampling(body, 1)
     prompt = gen.encode_chat(body.messages, params[0].max_new_tokens)
     if body.stream:
@@ -236,7 +333,7 @@ def create_app(engine: Engine, *, model_name: str, max_new_tokens_limit: int,
           "index": 0, "delta": {"role": "assistant", "content": d.text},
           "finish_reason": _reason(d)}]}
       return _sse(gen.submit([prompt], params), chunk)
-    rows = await gen.complete([prompt], params)
+    rows = await gen.complete(request, [prompt], params)
     return {**_head("chatcmpl", "chat.completion", model_name),
             "choices": [{"index": 0, "finish_reason": rows[0].finish_reason,
                          "message": {"role": "assistant", "content": rows[0].text}}],
@@ -320,6 +417,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     return _error(503, "server_busy", f"server busy: {exc}; retry later", None,
                   {"Retry-After": "1"})
 
+  @app.exception_handler(RequestTimeout)
+  async def timed_out(_: Request, exc: RequestTimeout) -> JSONResponse:
+    return _error(504, "timeout", str(exc), None)
+
+  @app.exception_handler(ClientGone)
+  async def gone(_: Request, exc: ClientGone) -> JSONResponse:
+    return _error(499, "cancelled", str(exc), None)  # nobody reads it; nginx's code
+
   @app.exception_handler(Exception)
   async def failed(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, "server_error", f"generation failed: {exc}", None)
@@ -335,15 +440,6 @@ def _head(prefix: str, kind: str, model_name: str) -> dict:
           "model": model_name}
 
 
-async def _drain(inbox: asyncio.Queue, rows: int) -> AsyncIterator[Delta]:
-  while rows:
-    item = await inbox.get()
-    if isinstance(item, Exception):
-      raise item
-    rows -= item.completion is not None
-    yield item
-
-
 def _reason(delta: Delta) -> str | None:
   return None if delta.completion is None else delta.completion.finish_reason
 
@@ -355,7 +451,7 @@ def _usage(rows: list[Completion]) -> dict:
           "total_tokens": prompt + completion}
 
 
-def _sse(deltas: AsyncIterator[Delta], chunk) -> StreamingResponse:
+def _sse(deltas: Deltas, chunk) -> StreamingResponse:
   """Server-sent events: one `data: {json}` per delta, then `data: [DONE]`."""
 
   async def events() -> AsyncIterator[str]:
@@ -363,7 +459,10 @@ def _sse(deltas: AsyncIterator[Delta], chunk) -> StreamingResponse:
       async for delta in deltas:
         yield f"data: {json.dumps(chunk(delta))}\n\n"
     except Exception as e:  # noqa: BLE001 -- headers are sent: report any failure in-band
-      yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+      kind = "timeout" if isinstance(e, RequestTimeout) else "server_error"
+      yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind}})}\n\n"
+    finally:
+      await deltas.close()
     yield "data: [DONE]\n\n"
 
   return StreamingResponse(events(), media_type="text/event-stream")
