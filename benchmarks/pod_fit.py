@@ -169,7 +169,7 @@ host memory) / full, meshes fsdp 256, fsdp 128 x tensor 2, fsdp 64 x tensor 4 an
 fsdp 128, and every per-device batch x microbatch split; its memory formula (launch/
 estimate.py) drops what cannot fit and orders the rest by a formula time, and it compiles the
 best of each (remat, mesh) pair in that order until one fits within 90% of 16 GiB (at most
-two compiles, plus the default). Times and MFU are launch.aot's estimates from the compiled
+six compiles, plus the default). Times and MFU are launch.aot's estimates from the compiled
 programs (no overlap of compute and collectives assumed), not measurements; the compiles use
 the libtpu flags of launch/libtpu_flags.py. Attention is the XLA path in every row: the
 splash-kernel implementation is another issue.

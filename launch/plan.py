@@ -1,18 +1,18 @@
 """Pick the fastest train-step layout that fits a TPU pod, from the compiled programs.
 
   python -m launch.plan --config configs/gemma_7b.py --topology v5e:16x16 [--seq_len 8192]
-      [--tokens_per_step 1048576] [--compiles 3] [--workers 1] [--margin 0.9]
-      [--out configs/plan_gemma_7b_8192.py] [--config.x=y ...]
+      [--tokens_per_step 1048576] [--compiles 3] [--max_compiles 6] [--workers 1]
+      [--margin 0.9] [--out configs/plan_gemma_7b_8192.py] [--config.x=y ...]
 
 Candidates: every remat policy of `PLANNED_POLICIES` x mesh split (fsdp; fsdp x tensor 2 and
 4; data 2 x fsdp) x per-device batch and microbatches making the token target (x attention
 implementation: "xla" is the only one today). The formula estimates of launch.estimate drop
 those that cannot fit and order the rest by estimated speed; the fastest of each (policy,
 mesh) pair is then AOT-compiled through launch.aot (one worker process per compile, with the
-libtpu flags TPU jobs run with), best first, until `--compiles` of them fit, and so is the
-config as given (the baseline). The table gives each compile's per-chip peak, whether it
-fits, and launch.aot's estimate of step time from the compiled program (HLO FLOPs at peak
-plus collective bytes over ICI). The winner is the fastest whose peak stays under `--margin`
+libtpu flags TPU jobs run with), best first, until `--compiles` of them fit or
+`--max_compiles` have run, and so is the config's own layout (the baseline). The table gives
+each compile's per-chip peak, whether it fits, and launch.aot's estimate of step time from
+the compiled program (HLO FLOPs at peak plus collective bytes over ICI). The winner is the fastest whose peak stays under `--margin`
 of the chip's memory; it is printed as --config. overrides and written as a config file.
 
 Compile results are cached by command, libtpu flags and source digest under
@@ -65,6 +65,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e:16x16", "TPU topology, e.g. v5e
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "tokens per sequence (0: the config's)")
 _TOKENS = flags.DEFINE_integer("tokens_per_step", 0, "tokens per step (0: the config's)")
 _COMPILES = flags.DEFINE_integer("compiles", 3, "compile candidates until this many fit")
+_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "... or this many are compiled")
 _WORKERS = flags.DEFINE_integer("workers", 1, "compiles run at once (each a process)")
 _MARGIN = flags.DEFINE_float("margin", 0.9, "a layout fits when its peak <= margin x HBM")
 _OUT = flags.DEFINE_string("out", "", "the winner's config file "
@@ -87,6 +88,10 @@ class Candidate:
   def per_device_batch(self) -> int:
     return self.rows // (self.data * self.fsdp * self.microbatches)
 
+  def _batch(self) -> str:
+    per_device = self.rows / (self.data * self.fsdp * self.microbatches)
+    return f"{per_device:g}x{self.microbatches}"
+
   def overrides(self) -> list[str]:
     return [f"--config.model.remat_policy={self.remat}", f"--config.mesh.data={self.data}",
             f"--config.mesh.fsdp={self.fsdp}", f"--config.mesh.tensor={self.tensor}",
@@ -96,7 +101,7 @@ class Candidate:
 
   def label(self) -> str:
     return (f"{self.remat} mesh {self.data}x{self.fsdp}x{self.tensor} "
-            f"batch {self.per_device_batch}x{self.microbatches} {self.attention}")
+            f"batch {self._batch()} {self.attention}")
 
   def apply(self, config):
     c = copy.deepcopy(config)
@@ -241,11 +246,11 @@ class Compiled:
 
 
 def compile_shortlist(config_path, topology, user_overrides, short, want, workers, fits,
-                      cache, log) -> list[Compiled]:
+                      cache, log, max_compiles) -> list[Compiled]:
   """Compile the shortlist best first, `workers` at a time, until `want` of them fit (at
-  most 2 x want compiles); `log(done, total, compiled)` after each."""
+  most `max_compiles`); `log(done, total, compiled)` after each."""
   done: list[Compiled] = []
-  limit = min(len(short), 2 * want)
+  limit = min(len(short), max_compiles)
   queue = list(short[:limit])
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     while queue and sum(fits(c) for c in done) < want:
@@ -335,7 +340,7 @@ def config_file(source: str, out: pathlib.Path, overrides: list[str], topology: 
 
 
 def plan(config, config_path: str, topology: str, user_overrides: list[str], *, seq_len: int,
-         tokens: int, compiles: int, workers: int, margin: float,
+         tokens: int, compiles: int, workers: int, margin: float, max_compiles: int = 6,
          cache: pathlib.Path | None = None, log=print) -> dict:
   """Estimate, compile and choose (see the module docstring): a JSON-able summary."""
   devices = devices_for(topology)
@@ -366,7 +371,7 @@ def plan(config, config_path: str, topology: str, user_overrides: list[str], *, 
     baseline.report = {"error": exits.describe(e)}
   log(f"  {baseline.label}: {baseline.outcome()}")
   done = compile_shortlist(config_path, topology, user_overrides, short, compiles, workers,
-                           fits, cache, progress)
+                           fits, cache, progress, max(compiles, max_compiles))
   winners = sorted((c for c in [baseline, *done] if fits(c)), key=Compiled.seconds)
   if not winners:
     raise _no_fit(config, rows, seq_len, devices, hbm, f"compiled, within --margin={margin}",
@@ -408,7 +413,8 @@ def _run(argv: list[str]) -> int:
                                       pathlib.Path.home() / ".cache" / "gemma_jax")) / "plan"
   result = plan(_CONFIG.value, config_path, _TOPOLOGY.value, user_overrides,
                 seq_len=_SEQ_LEN.value, tokens=_TOKENS.value, compiles=_COMPILES.value,
-                workers=_WORKERS.value, margin=_MARGIN.value, cache=cache)
+                workers=_WORKERS.value, margin=_MARGIN.value, max_compiles=_MAX_COMPILES.value,
+                cache=cache)
   print(result["table"])
   win = result["winner"]
   rep = win["report"]
