@@ -70,7 +70,7 @@ def table(rows: list[dict], hbm_gib: float) -> str:
 def _cell(report: dict) -> str:
   """peak GiB / est. s per step / est. MFU of a compiled report, or why there is none."""
   if "error" in report:
-    return f"- ({report['error'][:90]})"
+    return "does not run (below)" if "must be a multiple" in report["error"] else "error"
   est = report["step_seconds_estimate"]["total"]
   return f"{report['per_chip_gib']:.2f} GiB, {est:.2f} s, {report['mfu_estimate']:.0%}"
 
