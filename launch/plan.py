@@ -12,8 +12,9 @@ mesh) pair is then AOT-compiled through launch.aot (one worker process per compi
 libtpu flags TPU jobs run with), best first, until `--compiles` of them fit or
 `--max_compiles` have run, and so is the config's own layout (the baseline). The table gives
 each compile's per-chip peak, whether it fits, and launch.aot's estimate of step time from
-the compiled program (HLO FLOPs at peak plus collective bytes over ICI). The winner is the fastest whose peak stays under `--margin`
-of the chip's memory; it is printed as --config. overrides and written as a config file.
+the compiled program (HLO FLOPs at peak plus collective bytes over ICI). The winner is the
+fastest whose peak stays under `--margin` of the chip's memory; it is printed as --config.
+overrides and written as a config file.
 
 Compile results are cached by command, libtpu flags and source digest under
 $GEMMA_JAX_CACHE (default ~/.cache/gemma_jax/plan): jax's persistent compilation cache cannot
@@ -350,7 +351,8 @@ def plan(config, config_path: str, topology: str, user_overrides: list[str], *, 
   tokens = tokens or config.train.global_batch_size * config.train.seq_len
   if tokens % seq_len:
     raise exits.UsageError(f"--tokens_per_step={tokens} is not a multiple of --seq_len="
-                           f"{seq_len}; the nearest that is: {max(1, round(tokens / seq_len)) * seq_len}")
+                           f"{seq_len}; the nearest that is: "
+                           f"{max(1, round(tokens / seq_len)) * seq_len}")
   rows = tokens // seq_len
   estimated, rejected = estimate_all(config, candidates(rows, seq_len, chips), devices)
   short = shortlist(estimated, hbm)

@@ -5,10 +5,11 @@ Each slot stores the position and segment id of the token whose key/value it hol
 from the slots exactly as it does for an uncached sequence; slot order does not matter.
 Every row writes the same slots when `index` is a scalar, so a ragged batch is just a batch
 whose padding slots stay segment 0; with `index` [B] (the serving engine, whose rows join and
-leave at different times) each row writes at its own index and writes past the end are dropped. The stacked cache rides in the layer scan's carry and each layer
-updates its slice in place (scanning it as xs/ys would copy all of it at every step). Every
-layer keeps the full length (one stacked shape); a window-sized ring buffer for local layers
-would save memory but is not done here.
+leave at different times) each row writes at its own index and writes past the end are
+dropped. The stacked cache rides in the layer scan's carry and each layer updates its slice
+in place (scanning it as xs/ys would copy all of it at every step). Every layer keeps the
+full length (one stacked shape); a window-sized ring buffer for local layers would save
+memory but is not done here.
 """
 
 from __future__ import annotations
