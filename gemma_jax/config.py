@@ -17,6 +17,7 @@ from gemma_jax.remat import POLICIES as REMAT_POLICIES
 AttentionKind = Literal["global", "local"]
 
 GEMMA1_FLAX_VOCAB = 256_128
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,13 @@ class ModelConfig:
   # which skips stacking every layer's activations for the backward pass: about 5% faster
   # training of small models on XLA:CPU (benchmarks/RESULTS.md), slower to compile.
   scan_layers: bool = True
+  # Attention of a sequence to itself (training, scoring, prefill without a cache): "xla"
+  # (plain einsums, the reference), "splash" (Pallas TPU kernel), "cudnn" (GPU flash
+  # attention) or "auto" (by backend: TPU splash, GPU cudnn, else xla). See
+  # gemma_jax/model/attention_impl.py. attention_interpret runs the Pallas kernel in
+  # interpret mode, on any backend (slow: for tests).
+  attention_impl: str = "auto"
+  attention_interpret: bool = False
 
   def __post_init__(self):
     _check_positive(self, "vocab_size", "embed_dim", "num_layers", "num_heads",
@@ -69,6 +77,9 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig {self.name!r}: remat_policy={self.remat_policy!r}; "
                        f"choose one of {sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig {self.name!r}: attention_impl={self.attention_impl!r}; "
+                       f"choose one of {ATTENTION_IMPLS}")
     for key in ("param_dtype", "dtype"):
       if getattr(self, key) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"ModelConfig {self.name!r}: {key}={getattr(self, key)!r}; "
@@ -90,7 +101,8 @@ class ModelConfig:
 
 # ModelConfig fields that change numerics or speed only, never the parameters: a workdir may
 # be resumed, and a model directory loaded, with other values.
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "max_seq_len")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "max_seq_len",
+                   "attention_impl", "attention_interpret")
 
 
 def _check_positive(cfg: ModelConfig, *keys: str) -> None:

@@ -16,7 +16,8 @@ from gemma_jax.config import ModelConfig, get_config, preset_names
 log = logging.getLogger(__name__)
 
 # Fields that do not describe the architecture: numerics and the name.
-_NOT_ARCHITECTURE = {"name", "dtype", "param_dtype", "remat_policy", "scan_layers"}
+_NOT_ARCHITECTURE = {"name", "dtype", "param_dtype", "remat_policy", "scan_layers",
+                     "attention_impl", "attention_interpret"}
 SHAPE_FIELDS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "hidden_dim", "use_post_attn_norm", "use_post_ffw_norm", "use_qk_norm")
 
