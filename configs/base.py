@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
@@ -22,6 +23,7 @@ from gemma_jax.checkpoint import CONFIG_FILE
 from gemma_jax.config import ModelConfig
 from gemma_jax.data import default_config as data_config
 from gemma_jax.data.config import parse_config as parse_data_config
+from gemma_jax.model import attention_impl
 from gemma_jax.optim import make_optimizer
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -252,9 +254,12 @@ def _type_ok(value, default, schema, key) -> bool:
   return isinstance(value, type(default))
 
 
-def validate_layout(c: ml_collections.ConfigDict, num_devices: int) -> ModelConfig:
+def validate_layout(c: ml_collections.ConfigDict, num_devices: int,
+                    platform: str | None = None) -> ModelConfig:
   """The checks of `validate` that a step's shape and layout must pass (model, train sizes,
-  mesh), without data or tokenizer: what launch.plan asks of each candidate."""
+  mesh, attention kernel), without data or tokenizer: what launch.plan asks of each
+  candidate. platform: where the step runs ('tpu' for a topology compile), default this
+  process's backend."""
   try:
     cfg = model_config(c)
   except ValueError as e:
@@ -266,6 +271,8 @@ def validate_layout(c: ml_collections.ConfigDict, num_devices: int) -> ModelConf
     raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds the model's max_seq_len="
                       f"{cfg.max_seq_len} (config.model.max_seq_len)")
   _check_mesh(c, cfg, num_devices)
+  if why := attention_impl.problem(cfg, t.seq_len, platform or jax.default_backend()):
+    raise ConfigError(f"config.{why}")
   return cfg
 
 

@@ -158,7 +158,7 @@ def estimate_all(config, cands: list[Candidate], devices) -> tuple[list[Estimate
     c = cand.apply(config)
     key = (cand.data, cand.fsdp, cand.tensor)
     try:
-      cfg = validate_layout(c, chips)
+      cfg = validate_layout(c, chips, "tpu")
       if key not in layouts:
         layouts[key] = build_layout(c, devices)
     except (ConfigError, ValueError) as e:
@@ -366,7 +366,7 @@ def plan(config, config_path: str, topology: str, user_overrides: list[str], *, 
   given = as_candidate(config, chips, rows, seq_len)
   baseline = Compiled(f"baseline, the config's layout: {given.label()}", given.overrides(), {})
   try:
-    validate_layout(given.apply(config), chips)
+    validate_layout(given.apply(config), chips, "tpu")
     baseline.report = compile_report(config_path, topology,
                                      user_overrides + given.overrides(), cache)
   except ConfigError as e:

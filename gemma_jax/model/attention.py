@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gemma_jax.config import ModelConfig
 from gemma_jax.remat import KEY_PROJ, QUERY_PROJ, VALUE_PROJ
+from gemma_jax.model import attention_impl
 from gemma_jax.model.adapters import add_lora, kernel
 from gemma_jax.model.cache import KVCache
 from gemma_jax.model.layers import (RMSNorm, apply_rope, make_param, softcap, stacked,
@@ -86,6 +87,7 @@ class Attention(nnx.Module):
       self.query_norm = RMSNorm(h, "head_dim", **norm_kw)
       self.key_norm = RMSNorm(h, "head_dim", **norm_kw)
     self.use_qk_norm = cfg.use_qk_norm
+    self.config = cfg
     self.query_scale = cfg.query_pre_attn_scalar ** -0.5
     self.logits_softcap = cfg.attn_logits_softcap
 
@@ -106,15 +108,33 @@ class Attention(nnx.Module):
       q, k = self.query_norm(q), self.key_norm(k)
     q = apply_rope(q, positions, rope_base, rope_scale) * jnp.asarray(self.query_scale, x.dtype)
     k = apply_rope(k, positions, rope_base, rope_scale)
-    k_positions, k_segments = positions, segment_ids
-    if cache is not None:
+    if cache is None:
+      out = self._self_attention(q, k, v, positions, segment_ids, window)
+    else:
       cache = cache.write_kv(layer, k, v)
-      k, v, k_positions, k_segments = (cache.k[layer], cache.v[layer], cache.positions,
-                                       cache.segment_ids)
-    mask = attention_mask(positions, segment_ids, k_positions, k_segments, window)
-    attend = dot_product_attention if cache is not None else causal_attention
-    out = self.attn_vec_einsum(attend(q, k, v, mask, self.logits_softcap), rngs[2])
-    return out, cache
+      mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids, window)
+      out = dot_product_attention(q, cache.k[layer], cache.v[layer], mask, self.logits_softcap)
+    return self.attn_vec_einsum(out, rngs[2]), cache
+
+  def _self_attention(self, q, k, v, positions, segment_ids, window):
+    """The tokens attending to each other, by the configured implementation."""
+    impl = attention_impl.resolve(self.config, q.shape[1])
+    if impl == "xla":
+      mask = attention_mask(positions, segment_ids, positions, segment_ids, window)
+      return causal_attention(q, k, v, mask, self.logits_softcap)
+    return attention_impl.self_attention(
+        impl, q, k, v, segment_ids, window=static_window(window), softcap=self.logits_softcap,
+        interpret=self.config.attention_interpret)
+
+
+def static_window(window) -> int | None:
+  """A layer's window as the kernels take it: a Python int, None for a global layer. The
+  layers must have been traced with static values (transformer.py, `static_kinds`)."""
+  if isinstance(window, jax.core.Tracer):
+    raise TypeError("a fused attention kernel needs a static sliding window; the layer scan "
+                    "passed a traced one")
+  window = int(window)
+  return None if window >= NO_WINDOW else window
 
 
 def causal_attention(q, k, v, mask, logits_softcap):

@@ -4,8 +4,11 @@ Gemma 1, 2 and 3 text differ only through ModelConfig fields. Every layer's para
 stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time does not grow
 with depth; per-layer differences (sliding window, RoPE base and scale) ride along as scanned
 values; a KV cache (stacked on the same leading axis) rides in the scan's carry.
-ModelConfig.scan_layers=False runs the same per-layer function over the same stacked weights
-in a Python loop instead.
+A fused attention kernel (model/attention_impl.py) needs each layer's window as a constant:
+then the scan steps over whole periods of the attention pattern (a local/global pair for
+Gemma 2, five local and one global for Gemma 3) with the layers of a period unrolled, and
+the layers after the last whole period run unrolled. ModelConfig.scan_layers=False runs the
+same per-layer function over the same stacked weights in a Python loop instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flax import nnx
 from gemma_jax import remat
 from gemma_jax.config import ModelConfig
 from gemma_jax.sharding import constrain
+from gemma_jax.model import attention_impl
 from gemma_jax.model.attention import NO_WINDOW, Attention
 from gemma_jax.model.cache import KVCache
 from gemma_jax.model.layers import FeedForward, RMSNorm, make_param, softcap
@@ -134,25 +138,57 @@ class Transformer(nnx.Module):
     x = constrain(self.embedder.encode(tokens, jnp.dtype(cfg.dtype)), ACTIVATION_AXES)
     graphdef, weights = nnx.split(self.layers)
 
-    def one_layer(carry, per_layer):
-      (x, cache), (layer_weights, values, layer) = carry, per_layer
-      layer_rng = None if rng is None else jax.random.fold_in(rng, layer)
-      x, cache = nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, cache, layer,
-                                                    rng=layer_rng, **values)
-      return (constrain(x, ACTIVATION_AXES), cache), None
+    def layer_fn(static_values=None):
+      """One layer's step; static_values: its window and RoPE values as constants (else
+      they arrive traced with the weights)."""
+      def one_layer(carry, per_layer):
+        (x, cache), (layer_weights, values, layer) = carry, per_layer
+        values = values if static_values is None else static_values
+        layer_rng = None if rng is None else jax.random.fold_in(rng, layer)
+        x, cache = nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, cache, layer,
+                                                      rng=layer_rng, **values)
+        return (constrain(x, ACTIVATION_AXES), cache), None
 
-    policy = cfg.remat_policy
-    if policy != "none":
-      one_layer = jax.checkpoint(one_layer, policy=remat.POLICIES[policy], prevent_cse=False)
-    per_layer = (weights, layer_values(cfg), jnp.arange(cfg.num_layers))
-    if cfg.scan_layers:
-      (x, cache), _ = jax.lax.scan(one_layer, (x, cache), per_layer)
-    else:  # one traced copy per layer: no stacked residuals, compile time grows with depth
-      for i in range(cfg.num_layers):
-        (x, cache), _ = one_layer((x, cache), jax.tree.map(lambda a: a[i], per_layer))
+      if cfg.remat_policy == "none":
+        return one_layer
+      return jax.checkpoint(one_layer, policy=remat.POLICIES[cfg.remat_policy],
+                            prevent_cse=False)
+
+    values = layer_values(cfg)
+    if cfg.scan_layers and (cache is not None or
+                            not attention_impl.needs_static_window(cfg, tokens.shape[1])):
+      per_layer = (weights, values, jnp.arange(cfg.num_layers))
+      (x, cache), _ = jax.lax.scan(layer_fn(), (x, cache), per_layer)
+    else:
+      x, cache = _run_static_kinds(layer_fn, (x, cache), weights, values, cfg)
     if cache is not None:
       cache = dataclasses.replace(cache, index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
 
   def logits(self, features: jax.Array) -> jax.Array:
     return softcap(self.embedder.decode(features), self.config.final_logits_softcap)
+
+
+def _run_static_kinds(layer_fn, carry, weights, values, cfg: ModelConfig):
+  """The layers with each one's window, RoPE base and scale as constants, as fused attention
+  kernels need (their masks are static): a scan over whole periods of the attention pattern
+  (one traced copy of each layer of a period), then the layers that do not fill a period,
+  unrolled. With scan_layers=False every layer is unrolled."""
+  period = len(cfg.attention_pattern)
+  periods = cfg.num_layers // period if cfg.scan_layers else 0
+  static = lambda i: jax.tree.map(lambda a: a[i], values)  # numpy scalars
+  layer_weights = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+
+  def one_period(carry, per_period):
+    period_weights, first = per_period
+    for j in range(period):
+      carry, _ = layer_fn(static(j))(carry, (layer_weights(period_weights, j), {}, first + j))
+    return carry, None
+
+  if periods:
+    grouped = jax.tree.map(
+        lambda a: a[:periods * period].reshape(periods, period, *a.shape[1:]), weights)
+    carry, _ = jax.lax.scan(one_period, carry, (grouped, jnp.arange(periods) * period))
+  for i in range(periods * period, cfg.num_layers):
+    carry, _ = layer_fn(static(i))(carry, (layer_weights(weights, i), {}, i))
+  return carry
