@@ -216,7 +216,8 @@ def _constrain(state: DecodeState, mesh: Mesh | None, batch_axes: tuple[str, ...
       mesh, PartitionSpec(*(batch_axes if a == "batch" else None for a in axes)))
   shardings = jax.tree.map(lambda x: spec(("batch",) + (None,) * (x.ndim - 1)), state)
   shardings = dataclasses.replace(
-      shardings, cache=KVCache(**{f: spec(axes) for f, axes in CACHE_AXES.items()}))
+      shardings, cache=KVCache(**{f: spec(axes) for f, axes in CACHE_AXES.items()
+                                  if getattr(state.cache, f) is not None}))
   return jax.lax.with_sharding_constraint(state, shardings)
 
 

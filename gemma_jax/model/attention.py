@@ -110,11 +110,24 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, rope_base, rope_scale)
     if cache is None:
       out = self._self_attention(q, k, v, positions, segment_ids, window)
+    elif cache.ring and static_window(window) is not None:
+      out = self._ring_attention(q, k, v, positions, segment_ids, window, cache, layer)
+      cache = cache.write_ring_kv(layer, positions, segment_ids, k, v)
     else:
       cache = cache.write_kv(layer, k, v)
       mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids, window)
       out = dot_product_attention(q, cache.k[layer], cache.v[layer], mask, self.logits_softcap)
     return self.attn_vec_einsum(out, rngs[2]), cache
+
+  def _ring_attention(self, q, k, v, positions, segment_ids, window, cache, layer):
+    """A local layer over its ring as it was before this call, and the call's own tokens:
+    every key the full cache would show within the window (cache.py)."""
+    keys = [jnp.concatenate([ring[layer], new.astype(ring.dtype)], axis=1)
+            for ring, new in ((cache.ring_k, k), (cache.ring_v, v))]
+    mask = attention_mask(positions, segment_ids,
+                          jnp.concatenate([cache.ring_positions, positions], axis=1),
+                          jnp.concatenate([cache.ring_segment_ids, segment_ids], axis=1), window)
+    return dot_product_attention(q, *keys, mask, self.logits_softcap)
 
   def _self_attention(self, q, k, v, positions, segment_ids, window):
     """The tokens attending to each other, by the configured implementation."""
@@ -128,8 +141,8 @@ class Attention(nnx.Module):
 
 
 def static_window(window) -> int | None:
-  """A layer's window as the kernels take it: a Python int, None for a global layer. The
-  layers must have been traced with static values (transformer.py, `static_kinds`)."""
+  """A layer's window as a Python int (None for a global layer), as the fused kernels and
+  the ring cache need it: the layers must run with static kinds (transformer.py)."""
   if isinstance(window, jax.core.Tracer):
     raise TypeError("a fused attention kernel needs a static sliding window; the layer scan "
                     "passed a traced one")

@@ -13,7 +13,6 @@ same per-layer function over the same stacked weights in a Python loop instead.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -140,13 +139,13 @@ class Transformer(nnx.Module):
 
     def layer_fn(static_values=None):
       """One layer's step; static_values: its window and RoPE values as constants (else
-      they arrive traced with the weights)."""
+      they arrive traced with the weights). cache_layer: its index in its cache stack."""
       def one_layer(carry, per_layer):
-        (x, cache), (layer_weights, values, layer) = carry, per_layer
+        (x, cache), (layer_weights, values, layer, cache_layer) = carry, per_layer
         values = values if static_values is None else static_values
         layer_rng = None if rng is None else jax.random.fold_in(rng, layer)
-        x, cache = nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, cache, layer,
-                                                      rng=layer_rng, **values)
+        x, cache = nnx.merge(graphdef, layer_weights)(x, positions, segment_ids, cache,
+                                                      cache_layer, rng=layer_rng, **values)
         return (constrain(x, ACTIVATION_AXES), cache), None
 
       if cfg.remat_policy == "none":
@@ -155,14 +154,15 @@ class Transformer(nnx.Module):
                             prevent_cse=False)
 
     values = layer_values(cfg)
-    if cfg.scan_layers and (cache is not None or
-                            not attention_impl.needs_static_window(cfg, tokens.shape[1])):
-      per_layer = (weights, values, jnp.arange(cfg.num_layers))
-      (x, cache), _ = jax.lax.scan(layer_fn(), (x, cache), per_layer)
+    static = (cache.ring if cache is not None else
+              attention_impl.needs_static_window(cfg, tokens.shape[1]))
+    if cfg.scan_layers and not static:
+      layers = jnp.arange(cfg.num_layers)
+      (x, cache), _ = jax.lax.scan(layer_fn(), (x, cache), (weights, values, layers, layers))
     else:
       x, cache = _run_static_kinds(layer_fn, (x, cache), weights, values, cfg)
     if cache is not None:
-      cache = dataclasses.replace(cache, index=cache.index + tokens.shape[1])
+      cache = cache.advance(positions, segment_ids)
     return self.final_norm(x), cache
 
   def logits(self, features: jax.Array) -> jax.Array:
@@ -170,25 +170,52 @@ class Transformer(nnx.Module):
 
 
 def _run_static_kinds(layer_fn, carry, weights, values, cfg: ModelConfig):
-  """The layers with each one's window, RoPE base and scale as constants, as fused attention
-  kernels need (their masks are static): a scan over whole periods of the attention pattern
-  (one traced copy of each layer of a period), then the layers that do not fill a period,
-  unrolled. With scan_layers=False every layer is unrolled."""
-  period = len(cfg.attention_pattern)
-  periods = cfg.num_layers // period if cfg.scan_layers else 0
-  static = lambda i: jax.tree.map(lambda a: a[i], values)  # numpy scalars
-  layer_weights = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+  """The layers with each one's kind, window and RoPE values as constants, as the fused
+  attention kernels (static masks) and the ring-buffer cache (a stack per kind) need.
 
-  def one_period(carry, per_period):
-    period_weights, first = per_period
-    for j in range(period):
-      carry, _ = layer_fn(static(j))(carry, (layer_weights(period_weights, j), {}, first + j))
+  A scan over whole periods of the attention pattern, each period a scan over each run of
+  same-kind layers in it (Gemma 3: five local layers, then one global: two traced layers),
+  then the layers after the last whole period the same way. scan_layers=False: a Python
+  loop over every layer. Each layer's cache index counts the layers of its kind before it.
+  """
+  kinds, period = cfg.layer_kinds(), len(cfg.attention_pattern)
+  periods = cfg.num_layers // period if cfg.scan_layers else 0
+  stack_index = [kinds[:i].count(kind) for i, kind in enumerate(kinds)]
+  per_period = {kind: kinds[:period].count(kind) for kind in set(kinds)}
+  static = lambda i: jax.tree.map(lambda a: a[i], values)  # numpy scalars
+
+  def run_layers(carry, layer_weights, start, n, group=0):
+    """Layers start .. start + n - 1 of a period (same kind) of period `group`, weights [n]."""
+    step = layer_fn(static(start))
+    offset = jnp.arange(n)
+    per_layer = (layer_weights, {}, group * period + start + offset,
+                 group * per_period[kinds[start]] + stack_index[start] + offset)
+    if n == 1 or not cfg.scan_layers:
+      for i in range(n):
+        carry, _ = step(carry, jax.tree.map(lambda a: a[i], per_layer))
+      return carry
+    return jax.lax.scan(step, carry, per_layer)[0]
+
+  def runs(first: int, last: int):
+    """(start, length) of the maximal same-kind runs of layers first .. last - 1."""
+    out, start = [], first
+    for i in range(first + 1, last + 1):
+      if i == last or kinds[i] != kinds[start]:
+        out.append((start, i - start))
+        start = i
+    return out
+
+  def one_period(carry, per_period_xs):
+    period_weights, group = per_period_xs
+    for start, n in runs(0, period):
+      carry = run_layers(carry, jax.tree.map(lambda a: a[start:start + n], period_weights),
+                         start, n, group)
     return carry, None
 
   if periods:
     grouped = jax.tree.map(
         lambda a: a[:periods * period].reshape(periods, period, *a.shape[1:]), weights)
-    carry, _ = jax.lax.scan(one_period, carry, (grouped, jnp.arange(periods) * period))
-  for i in range(periods * period, cfg.num_layers):
-    carry, _ = layer_fn(static(i))(carry, (layer_weights(weights, i), {}, i))
+    carry, _ = jax.lax.scan(one_period, carry, (grouped, jnp.arange(periods)))
+  for start, n in runs(periods * period, cfg.num_layers):
+    carry = run_layers(carry, jax.tree.map(lambda a: a[start:start + n], weights), start, n)
   return carry

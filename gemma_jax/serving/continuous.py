@@ -32,6 +32,7 @@ from flax import nnx
 
 from gemma_jax import sampler as sampling
 from gemma_jax.model import KVCache, init_cache
+from gemma_jax.model.cache import RING_FIELDS
 from gemma_jax.serving.engine import BaseEngine, Job
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -77,10 +78,10 @@ def _insert(cache: KVCache, slots: Slots, row: KVCache, logits, slot, length,
   # The slot's earlier request left its positions behind: segment 0 hides them all.
   per_slot = lambda big, small: jax.lax.dynamic_update_slice(big.at[slot].set(0), small,
                                                              at(big, 0))
-  cache = KVCache(k=kv(cache.k, row.k), v=kv(cache.v, row.v),
-                  positions=per_slot(cache.positions, row.positions),
-                  segment_ids=per_slot(cache.segment_ids, row.segment_ids),
-                  index=cache.index.at[slot].set(length))
+  copy = {f: (kv if getattr(cache, f).ndim == 5 else per_slot)(getattr(cache, f), getattr(row, f))
+          for f in ("k", "v", "positions", "segment_ids", *RING_FIELDS)
+          if getattr(cache, f) is not None}
+  cache = dataclasses.replace(cache, index=cache.index.at[slot].set(length), **copy)
   token, logprob = sampling.sample_rows(logits, settings, jnp.zeros((1,), jnp.int32))
   running = ~jnp.isin(token, stop_ids) & (settings.max_new > 1)
   put = lambda a, x: a.at[slot].set(x[0])
@@ -206,7 +207,8 @@ class ContinuousEngine(BaseEngine):
     width = min(sampling.bucket(n), self.cache_len)
     size = min(width, self.prefill_chunk)
     if row.cache is None:
-      row.cache = init_cache(self.sampler.config, 1, width, per_row=True)
+      row.cache = init_cache(self.sampler.config, 1, width, per_row=True,
+                             ring=self._cache.ring)  # the slots' layout, to insert into
     chunk = np.zeros((1, size), np.int32)
     real = row.prompt[row.read:row.read + size]
     chunk[0, :len(real)] = real
