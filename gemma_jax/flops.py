@@ -21,14 +21,18 @@ def mean_visible_keys(seq_len: int, window: int | None) -> float:
   return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward QK^T and probabilities x V of every layer, per token."""
+  return sum(4 * cfg.num_heads * cfg.head_dim *
+             mean_visible_keys(seq_len, cfg.sliding_window if kind == "local" else None)
+             for kind in cfg.layer_kinds())
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   d, n, k, h, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_dim
   layer_matmul_params = d * n * h * 2 + 2 * d * k * h + 3 * d * f
-  flops = 2 * (cfg.num_layers * layer_matmul_params + cfg.vocab_size * d)
-  for kind in cfg.layer_kinds():
-    window = cfg.sliding_window if kind == "local" else None
-    flops += 4 * n * h * mean_visible_keys(seq_len, window)
-  return flops
+  return (2 * (cfg.num_layers * layer_matmul_params + cfg.vocab_size * d)
+          + attention_flops_per_token(cfg, seq_len))
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -98,7 +98,8 @@ class Candidate:
             f"--config.mesh.fsdp={self.fsdp}", f"--config.mesh.tensor={self.tensor}",
             f"--config.train.global_batch_size={self.rows}",
             f"--config.train.seq_len={self.seq_len}",
-            f"--config.train.microbatches={self.microbatches}"]
+            f"--config.train.microbatches={self.microbatches}",
+            f"--config.model.attention_impl={self.attention}"]
 
   def label(self) -> str:
     return (f"{self.remat} mesh {self.data}x{self.fsdp}x{self.tensor} "
@@ -107,6 +108,7 @@ class Candidate:
   def apply(self, config):
     c = copy.deepcopy(config)
     c.model.remat_policy = self.remat
+    c.model.attention_impl = self.attention
     c.mesh.update(data=self.data, fsdp=self.fsdp, tensor=self.tensor)
     c.train.update(global_batch_size=self.rows, seq_len=self.seq_len,
                    microbatches=self.microbatches)
