@@ -1,6 +1,7 @@
 """Prefill and decode speed of the KV-cache sampler against the memory-bandwidth bound.
 
   python benchmarks/decode.py [--batch 1 16] [--prompt_len 128] [--steps 32]
+      [--long_batch 1 4] [--long_prompt_len 2048]
       [--dtype float32] [--param_dtype float32] [--json benchmarks/decode.json]
 
 Model: gemma3_270m's shape with 15 layers and a 32k vocabulary (~104M parameters, random
@@ -9,8 +10,13 @@ take no less than param bytes / memory bandwidth; the bandwidth is measured here
 "copy" does (bytes read + bytes written per second, large numpy copy, best of several).
 A token also costs about 2 x params FLOPs, so the compute bound is measured matmul FLOP/s /
 (2 x params) tokens/s; small batches hit the memory bound first, large ones the compute one.
+Both bounds count the weights only: long-prompt rows also read their KV cache every step.
 Decode tokens/s is timed over `steps` steps of one jitted while-loop (EOS ignored), after a
 warm-up call that compiles; prefill tokens/s counts prompt tokens of the whole batch.
+
+The long-prompt rows (cache longer than the 512-token sliding window) run twice: with the
+ring-buffer cache (local layers keep `window` slots) and without it (every layer keeps the
+full length, the cache before the ring existed); KV MiB is the whole batch's cache.
 """
 
 from __future__ import annotations
@@ -59,6 +65,10 @@ def best_time(fn, repeats: int) -> float:
   return min(times)
 
 
+def cache_bytes(state) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(state.cache))
+
+
 def measure(sampler: Sampler, batch: int, prompt_len: int, steps: int, repeats: int) -> dict:
   vocab = sampler.config.vocab_size
   rng = np.random.default_rng(batch)
@@ -76,7 +86,7 @@ def measure(sampler: Sampler, batch: int, prompt_len: int, steps: int, repeats: 
     decode_times.append(time.perf_counter() - start)
     assert int(state.count[0]) == steps + 1, "decode stopped early"
   step_s = min(decode_times) / steps
-  return dict(batch=batch, prompt_len=prompt_len, steps=steps,
+  return dict(batch=batch, prompt_len=prompt_len, steps=steps, kv_cache_bytes=cache_bytes(state),
               prefill_tokens_per_s=batch * prompt_len / prefill_s, prefill_s=prefill_s,
               decode_step_ms=1e3 * step_s, decode_tokens_per_s=batch / step_s)
 
@@ -86,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
   parser.add_argument("--prompt_len", type=int, default=128)
   parser.add_argument("--steps", type=int, default=32)
+  parser.add_argument("--long_batch", type=int, nargs="*", default=[1, 4],
+                      help="batch sizes of the long-prompt rows (ring cache on and off)")
+  parser.add_argument("--long_prompt_len", type=int, default=2048)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default="float32", help="compute dtype")
   parser.add_argument("--param_dtype", default="float32")
@@ -99,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
   param_bytes = params * np.dtype(args.param_dtype).itemsize
   bandwidth, flops = copy_bandwidth(), matmul_flops()
   bound_steps = bandwidth / param_bytes
-  sampler = Sampler(model, stop_token_ids=[])
+  samplers = {ring: Sampler(model, stop_token_ids=[], ring_cache=ring) for ring in (True, False)}
+  runs = [(b, args.prompt_len, "n/a") for b in args.batch]
+  runs += [(b, args.long_prompt_len, ring) for b in args.long_batch for ring in ("off", "on")]
   rows = []
-  for batch in args.batch:
-    row = measure(sampler, batch, args.prompt_len, args.steps, args.repeats)
+  for batch, prompt_len, ring in runs:
+    row = measure(samplers[ring != "off"], batch, prompt_len, args.steps, args.repeats)
+    row["ring_cache"] = ring
     row["bound_tokens_per_s"] = batch * bound_steps
     row["fraction_of_bound"] = row["decode_tokens_per_s"] / row["bound_tokens_per_s"]
     row["compute_bound_tokens_per_s"] = flops / (2 * params)
@@ -113,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{bandwidth / 1e9:.1f} GB/s -> {bound_steps:.1f} decode steps/s; matmul "
         f"{flops / 1e9:.0f} GFLOP/s; {jax.devices()[0].device_kind} x{os.cpu_count()} "
         f"{platform.machine()}")
-  print("| batch | prefill tok/s | decode step ms | decode tok/s | memory bound tok/s | "
-        "of memory bound | compute bound tok/s |")
-  print("|---:|---:|---:|---:|---:|---:|---:|")
+  print("| batch | prompt | ring cache | KV MiB | prefill tok/s | decode step ms | decode tok/s "
+        "| memory bound tok/s | of memory bound | compute bound tok/s |")
+  print("|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
-    print(f"| {r['batch']} | {r['prefill_tokens_per_s']:,.0f} | {r['decode_step_ms']:.1f} | "
+    print(f"| {r['batch']} | {r['prompt_len']} | {r['ring_cache']} | "
+          f"{r['kv_cache_bytes'] / 2**20:,.0f} | "
+          f"{r['prefill_tokens_per_s']:,.0f} | {r['decode_step_ms']:.1f} | "
           f"{r['decode_tokens_per_s']:,.1f} | {r['bound_tokens_per_s']:,.1f} | "
           f"{r['fraction_of_bound']:.0%} | {r['compute_bound_tokens_per_s']:,.0f} |")
   result = dict(model=cfg.name, params=params, param_bytes=param_bytes, dtype=args.dtype,

@@ -222,9 +222,9 @@ def _constrain(state: DecodeState, mesh: Mesh | None, batch_axes: tuple[str, ...
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "max_new", "mesh",
-                                             "batch_axes"))
+                                             "batch_axes", "ring"))
 def _prefill(graphdef, params, tokens, lengths, rows: RowSettings, stop_ids, *,
-             cache_length: int, max_new: int, mesh, batch_axes) -> DecodeState:
+             cache_length: int, max_new: int, mesh, batch_axes, ring: bool) -> DecodeState:
   """Run the left-padded prompts [B, T] (real lengths [B]) and sample each first token."""
   model = nnx.merge(graphdef, params)
   batch, width = tokens.shape
@@ -232,7 +232,7 @@ def _prefill(graphdef, params, tokens, lengths, rows: RowSettings, stop_ids, *,
   column = jnp.arange(width)[None]
   segment_ids = (column >= start).astype(jnp.int32)
   positions = jnp.maximum(column - start, 0)
-  cache = init_cache(model.config, batch, cache_length)
+  cache = init_cache(model.config, batch, cache_length, ring=None if ring else False)
   features, cache = model.cached_features(tokens, positions, segment_ids, cache)
   zeros = jnp.zeros((batch,), jnp.int32)
   state = DecodeState(
@@ -346,13 +346,15 @@ class Sampler:
   Text prompts are encoded with BOS; token-id prompts are used as given. Rows stop at any id
   in stop_token_ids (default: EOS and, if the tokenizer has it, <end_of_turn>). To sample
   with updated weights (RL), assign `sampler.params` a state of the same structure and
-  shardings: the compiled prefill/decode are reused.
+  shardings: the compiled prefill/decode are reused. ring_cache=False keeps full-length
+  caches for sliding-window layers too (the reference the ring buffer is measured against).
   """
 
   def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, *,
                mesh: Mesh | None = None, batch_axes: tuple[str, ...] | None = None,
                stop_token_ids: Sequence[int] | None = None, chunk_size: int = 16,
-               min_width: int = MIN_BUCKET):
+               min_width: int = MIN_BUCKET, ring_cache: bool = True):
+    self.ring_cache = ring_cache
     self.graphdef, self.params = nnx.split(model)
     self.config = model.config
     self.tokenizer = tokenizer
@@ -471,7 +473,8 @@ class Sampler:
     rows = row_settings(params, batch)
     return _prefill(self.graphdef, self.params, self._put(tokens), self._put(lengths),
                     self._put(rows), self.stop_ids, cache_length=width + max_new,
-                    max_new=max_new, mesh=self.mesh, batch_axes=self.batch_axes)
+                    max_new=max_new, mesh=self.mesh, batch_axes=self.batch_axes,
+                    ring=self.ring_cache)
 
   def decode(self, state: DecodeState, num_steps: int,
              finished: Sequence[bool] = ()) -> DecodeState:

@@ -90,8 +90,7 @@ class KVCache:
     """Store one full-length layer's k, v [B, T, K, H] in slots index .. index + T - 1."""
     if self.index.ndim:
       rows, slots = self._row_slots(k.shape[1])
-      put = lambda cache, new: cache.at[layer, rows, slots].set(new.astype(cache.dtype),
-                                                                mode="drop")
+      put = lambda cache, new: _scatter_layer(cache, layer, rows, slots, new)
       return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
     at = (layer, 0, self.index, 0, 0)
     return dataclasses.replace(
@@ -101,7 +100,7 @@ class KVCache:
   def write_ring_kv(self, layer: jax.Array | int, positions, segment_ids, k, v) -> KVCache:
     """Store one local layer's k, v [B, T, K, H] in its ring (see the module docstring)."""
     rows, slots = self._ring_slots(positions, segment_ids)
-    put = lambda ring, new: ring.at[layer, rows, slots].set(new.astype(ring.dtype), mode="drop")
+    put = lambda ring, new: _scatter_layer(ring, layer, rows, slots, new)
     return dataclasses.replace(self, ring_k=put(self.ring_k, k), ring_v=put(self.ring_v, v))
 
   def advance(self, positions: jax.Array, segment_ids: jax.Array) -> KVCache:
@@ -131,6 +130,14 @@ class KVCache:
     last = jnp.full((b, window), -1, jnp.int32).at[rows, slots].max(order)
     keep = (segment_ids != 0) & (jnp.take_along_axis(last, slots, axis=1) == order)
     return rows, jnp.where(keep, slots, window)
+
+
+def _scatter_layer(stack, layer, rows, slots, new):
+  """stack[layer, rows, slots] = new (out-of-range slots dropped) through the layer's slice:
+  XLA on CPU copies the whole stack a scatter writes into, but updates a slice in place."""
+  one = jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False)
+  one = one.at[rows, slots].set(new.astype(stack.dtype), mode="drop")
+  return jax.lax.dynamic_update_index_in_dim(stack, one, layer, 0)
 
 
 def uses_ring(cfg: ModelConfig, length: int) -> bool:

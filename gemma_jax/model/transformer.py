@@ -160,7 +160,8 @@ class Transformer(nnx.Module):
       layers = jnp.arange(cfg.num_layers)
       (x, cache), _ = jax.lax.scan(layer_fn(), (x, cache), (weights, values, layers, layers))
     else:
-      x, cache = _run_static_kinds(layer_fn, (x, cache), weights, values, cfg)
+      x, cache = _run_static_kinds(layer_fn, (x, cache), weights, values, cfg,
+                                   index_weights=cache is not None)
     if cache is not None:
       cache = cache.advance(positions, segment_ids)
     return self.final_norm(x), cache
@@ -169,7 +170,8 @@ class Transformer(nnx.Module):
     return softcap(self.embedder.decode(features), self.config.final_logits_softcap)
 
 
-def _run_static_kinds(layer_fn, carry, weights, values, cfg: ModelConfig):
+def _run_static_kinds(layer_fn, carry, weights, values, cfg: ModelConfig, *,
+                      index_weights: bool = False):
   """The layers with each one's kind, window and RoPE values as constants, as the fused
   attention kernels (static masks) and the ring-buffer cache (a stack per kind) need.
 
@@ -177,6 +179,10 @@ def _run_static_kinds(layer_fn, carry, weights, values, cfg: ModelConfig):
   same-kind layers in it (Gemma 3: five local layers, then one global: two traced layers),
   then the layers after the last whole period the same way. scan_layers=False: a Python
   loop over every layer. Each layer's cache index counts the layers of its kind before it.
+  index_weights: each layer takes its weights from the whole stack by index, one slice per
+  layer, where slicing periods, then runs, then layers would copy the weights twice more
+  (it does on CPU: a memory-bound decode step ran 1.5x slower). Not for differentiation:
+  the gradient of an indexed constant is a full-size sum in every step.
   """
   kinds, period = cfg.layer_kinds(), len(cfg.attention_pattern)
   periods = cfg.num_layers // period if cfg.scan_layers else 0
@@ -184,11 +190,15 @@ def _run_static_kinds(layer_fn, carry, weights, values, cfg: ModelConfig):
   per_period = {kind: kinds[:period].count(kind) for kind in set(kinds)}
   static = lambda i: jax.tree.map(lambda a: a[i], values)  # numpy scalars
 
-  def run_layers(carry, layer_weights, start, n, group=0):
-    """Layers start .. start + n - 1 of a period (same kind) of period `group`, weights [n]."""
+  def run_layers(carry, run_weights, start, n, group=0):
+    """Layers start .. start + n - 1 of a period (same kind) of period `group`, weights [n]
+    (None with index_weights)."""
     step = layer_fn(static(start))
+    if index_weights:
+      indexed = step
+      step = lambda c, xs: indexed(c, (jax.tree.map(lambda a: a[xs[2]], weights), *xs[1:]))
     offset = jnp.arange(n)
-    per_layer = (layer_weights, {}, group * period + start + offset,
+    per_layer = (run_weights, {}, group * period + start + offset,
                  group * per_period[kinds[start]] + stack_index[start] + offset)
     if n == 1 or not cfg.scan_layers:
       for i in range(n):
@@ -205,17 +215,19 @@ def _run_static_kinds(layer_fn, carry, weights, values, cfg: ModelConfig):
         start = i
     return out
 
+  def run_weights(stack, start, n):
+    return None if index_weights else jax.tree.map(lambda a: a[start:start + n], stack)
+
   def one_period(carry, per_period_xs):
     period_weights, group = per_period_xs
     for start, n in runs(0, period):
-      carry = run_layers(carry, jax.tree.map(lambda a: a[start:start + n], period_weights),
-                         start, n, group)
+      carry = run_layers(carry, run_weights(period_weights, start, n), start, n, group)
     return carry, None
 
   if periods:
-    grouped = jax.tree.map(
+    grouped = None if index_weights else jax.tree.map(
         lambda a: a[:periods * period].reshape(periods, period, *a.shape[1:]), weights)
     carry, _ = jax.lax.scan(one_period, carry, (grouped, jnp.arange(periods)))
   for start, n in runs(periods * period, cfg.num_layers):
-    carry = run_layers(carry, jax.tree.map(lambda a: a[start:start + n], weights), start, n)
+    carry = run_layers(carry, run_weights(weights, start, n), start, n)
   return carry
