@@ -224,7 +224,8 @@ def _constrain(state: DecodeState, mesh: Mesh | None, batch_axes: tuple[str, ...
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_length", "max_new", "mesh",
                                              "batch_axes", "ring"))
 def _prefill(graphdef, params, tokens, lengths, rows: RowSettings, stop_ids, *,
-             cache_length: int, max_new: int, mesh, batch_axes, ring: bool) -> DecodeState:
+             cache_length: int, max_new: int, mesh, batch_axes, ring: bool = True
+             ) -> DecodeState:
   """Run the left-padded prompts [B, T] (real lengths [B]) and sample each first token."""
   model = nnx.merge(graphdef, params)
   batch, width = tokens.shape
