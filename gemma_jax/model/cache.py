@@ -15,7 +15,8 @@ segment ids shared by the local layers) and the full-length stacks hold the glob
 only. A token at position p goes to ring slot p % window, so a row's last `window` positions
 never collide; a local layer's tokens attend to the ring as it was before the call plus
 each other (attention.py), which sees every key the full cache would: those within the
-window, the same segment and at most p. Only real tokens (segment != 0) are written, and of
+window, the same segment and at most p. A single token per row (decoding) replaces only a
+key outside its window or segment, so it attends to the ring after its write instead. Only real tokens (segment != 0) are written, and of
 several tokens of one write landing on one slot the last wins, so right padding and packed
 rows keep each row's newest keys. The layers run with static kinds (transformer.py) to
 index the stack of their kind.
@@ -109,10 +110,15 @@ class KVCache:
     cache = dataclasses.replace(self, index=self.index + positions.shape[1])
     if not self.ring:
       return cache
+    ring_positions, ring_segment_ids = self.ring_slots_with(positions, segment_ids)
+    return dataclasses.replace(cache, ring_positions=ring_positions,
+                               ring_segment_ids=ring_segment_ids)
+
+  def ring_slots_with(self, positions, segment_ids) -> tuple[jax.Array, jax.Array]:
+    """The ring slots' positions and segment ids [B, W] once these tokens are written."""
     rows, slots = self._ring_slots(positions, segment_ids)
     put = lambda ring, new: ring.at[rows, slots].set(new.astype(jnp.int32), mode="drop")
-    return dataclasses.replace(cache, ring_positions=put(self.ring_positions, positions),
-                               ring_segment_ids=put(self.ring_segment_ids, segment_ids))
+    return put(self.ring_positions, positions), put(self.ring_segment_ids, segment_ids)
 
   def _row_slots(self, t: int) -> tuple[jax.Array, jax.Array]:
     """[B, 1] row and [B, T] slot indices of T tokens written at each row's own index."""
