@@ -7,8 +7,10 @@ that few are compiled; what it reports and chooses comes from the compiled progr
 Memory per chip = the sharded train state (weights, optimizer moments, gradients; exact,
 from the run layout) + one layer's weights gathered twice over (this layer and the next,
 prefetched) + the activations the remat policy keeps for all layers + one layer's full
-set, recomputed in the backward + the loss's working set. Against compiled peaks it is
-within a factor 1.6 (tests/test_plan.py), well enough to prune.
+set, recomputed in the backward + the loss's working set. XLA attention keeps its float32
+logits (and, without remat, the probabilities); a fused kernel (splash) keeps only one
+float32 logsumexp per query and head. Against compiled peaks it is within a factor 1.6
+(tests/test_plan.py), well enough to prune.
 Time per chip = model FLOPs plus what the policy recomputes, at the chip's peak, plus the
 ZeRO-3 traffic of launch.audit (repeated per microbatch) and tensor-parallel activation
 all-reduces, over the ICI bandwidth: no overlap assumed, as launch.aot's estimate.
@@ -23,6 +25,7 @@ import numpy as np
 from gemma_jax import flops
 from gemma_jax.config import ModelConfig
 from gemma_jax.losses import VOCAB_TILE
+from gemma_jax.model import attention_impl
 from gemma_jax.model.attention import MIN_QUERY_CHUNK, QUERY_CHUNKS
 from gemma_jax.train_state import RunLayout
 from launch import audit
@@ -52,6 +55,14 @@ def _attention_keys(cfg: ModelConfig, seq_len: int, kind: str) -> float:
   return min(keys, cfg.sliding_window + seq_len / QUERY_CHUNKS) if kind == "local" else keys
 
 
+def _fused_attention(cfg: ModelConfig, seq_len: int) -> bool:
+  """Whether attention runs as a fused TPU kernel (no [queries, keys] logits in HBM)."""
+  try:
+    return attention_impl.resolve(cfg, seq_len, "tpu") != "xla"
+  except ValueError:  # an impl TPU cannot run: validation rejects the candidate
+    return False
+
+
 def layer_activation_bytes(s: Shape, policy: str, kind: str = "global") -> float:
   """Bytes one layer keeps for the backward under `policy` (the block input excluded)."""
   cfg, t, tp = s.cfg, s.tokens, s.tensor
@@ -62,12 +73,14 @@ def layer_activation_bytes(s: Shape, policy: str, kind: str = "global") -> float
     return 0.0
   if policy == "save_qkv_proj":
     return qkv
-  logits = t * cfg.num_heads / tp * _attention_keys(cfg, s.seq_len, kind) * 4  # float32
+  keys = 1 if _fused_attention(cfg, s.seq_len) else _attention_keys(cfg, s.seq_len, kind)
+  logits = t * cfg.num_heads / tp * keys * 4  # float32 (fused: the logsumexp)
   dots = qkv + logits + t * (cfg.num_heads * h / tp + 2 * d + 2 * f / tp) * c
   if policy in ("dots", "dots_with_no_batch_dims"):
     return dots - (logits if policy == "dots_with_no_batch_dims" else 0.0)
   # "none": every intermediate: the probabilities, norms, GeLU and its product too.
-  return dots + logits / 2 + t * (6 * d + 2 * f / tp) * c
+  probabilities = 0 if keys == 1 else logits / 2
+  return dots + probabilities + t * (6 * d + 2 * f / tp) * c
 
 
 def _layer_weight_bytes(cfg: ModelConfig, tensor: int) -> float:

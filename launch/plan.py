@@ -5,11 +5,12 @@
       [--margin 0.9] [--out configs/plan_gemma_7b_8192.py] [--config.x=y ...]
 
 Candidates: every remat policy of `PLANNED_POLICIES` x mesh split (fsdp; fsdp x tensor 2 and
-4; data 2 x fsdp) x per-device batch and microbatches making the token target (x attention
-implementation: "xla" is the only one today). The formula estimates of launch.estimate drop
-those that cannot fit and order the rest by estimated speed; the fastest of each (policy,
-mesh) pair is then AOT-compiled through launch.aot (one worker process per compile, with the
-libtpu flags TPU jobs run with), best first, until `--compiles` of them fit or
+4; data 2 x fsdp) x per-device batch and microbatches making the token target x attention
+implementation (xla, and splash where the sequence tiles its blocks). The formula estimates
+of launch.estimate drop those that cannot fit and order the rest by estimated speed; the
+fastest of each (policy, mesh) pair (of equal estimates the smaller: splash) is then
+AOT-compiled through launch.aot (one worker process per compile, with the libtpu flags TPU
+jobs run with), best first, until `--compiles` of them fit or
 `--max_compiles` have run, and so is the config's own layout (the baseline). The table gives
 each compile's per-chip peak, whether it fits, and launch.aot's estimate of step time from
 the compiled program (HLO FLOPs at peak plus collective bytes over ICI). The winner is the
@@ -41,6 +42,7 @@ from ml_collections import config_flags
 from configs.base import ConfigError, model_config, validate_layout
 from gemma_jax import exits
 from gemma_jax.metrics import PEAK_FLOPS
+from gemma_jax.model import attention_impl
 from gemma_jax.sharding import mesh_shape
 from launch import estimate, libtpu_flags
 from launch.compile_step import (
@@ -52,7 +54,7 @@ from launch.compile_step import (
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PLANNED_POLICIES = ("none", "dots", "save_qkv_proj", "offload_qkv_proj", "full")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "splash")
 # Topologies libtpu describes, by generation: the nearest is named for an unknown one.
 KNOWN_TOPOLOGIES = {
     "v5e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
@@ -117,10 +119,15 @@ class Candidate:
 
 def as_candidate(config, chips: int, rows: int, seq_len: int) -> Candidate:
   """The config's own layout at the planned token target, as a candidate (so its compile is
-  shared with the candidate that is the same)."""
+  shared with the candidate that is the same; 'auto' attention as it resolves on TPU)."""
   data, fsdp, tensor = mesh_shape(config.mesh, chips, "config.mesh")
-  return Candidate(model_config(config).remat_policy, data, fsdp, tensor, rows, seq_len,
-                   config.train.microbatches)
+  cfg = model_config(config)
+  try:
+    attention = attention_impl.resolve(cfg, seq_len, "tpu")
+  except ValueError:  # the compile reports why
+    attention = cfg.attention_impl
+  return Candidate(cfg.remat_policy, data, fsdp, tensor, rows, seq_len,
+                   config.train.microbatches, attention)
 
 
 def mesh_splits(chips: int) -> list[tuple[int, int, int]]:
@@ -176,13 +183,14 @@ def estimate_all(config, cands: list[Candidate], devices) -> tuple[list[Estimate
 
 
 def shortlist(estimated: list[Estimated], hbm: float) -> list[Estimated]:
-  """The fastest estimate of each (policy, mesh) pair that the memory formula fits, fastest
-  first."""
+  """The fastest estimate of each (policy, mesh) pair that the memory formula fits (of equal
+  times, the smaller), fastest first."""
   best: dict[tuple, Estimated] = {}
+  rank = lambda e: (e.seconds, e.memory)
   for e in estimated:
     c = e.candidate
-    key = (c.remat, c.data, c.fsdp, c.tensor, c.attention)
-    if e.memory <= hbm and (key not in best or e.seconds < best[key].seconds):
+    key = (c.remat, c.data, c.fsdp, c.tensor)
+    if e.memory <= hbm and (key not in best or rank(e) < rank(best[key])):
       best[key] = e
   return sorted(best.values(), key=lambda e: e.seconds)
 

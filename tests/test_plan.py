@@ -19,18 +19,18 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed: no TPU topology")
 
 
-def small_model(policy: str):
+def small_model(policy: str, attention: str = "auto"):
   """A model whose FLOPs are nearly all weight matmuls (attention and logits are small)."""
   c = tiny.get_config()
   c.model.update(embed_dim=512, hidden_dim=2048, num_heads=8, head_dim=64, num_kv_heads=2,
-                 num_layers=2, vocab_size=512, remat_policy=policy)
+                 num_layers=2, vocab_size=512, remat_policy=policy, attention_impl=attention)
   c.train.update(global_batch_size=8, seq_len=128)
   return c
 
 
 @functools.cache
-def small_report(policy: str, rows: int = 8, seq_len: int = 128) -> dict:
-  config = small_model(policy)
+def small_report(policy: str, rows: int = 8, seq_len: int = 128, attention: str = "auto") -> dict:
+  config = small_model(policy, attention)
   config.train.update(global_batch_size=rows, seq_len=seq_len)
   return aot.report(config, "v5e:2x2")
 
@@ -51,18 +51,20 @@ def test_compiled_flops_match_the_model_count():
   assert counted["full"] - counted["none"] == pytest.approx(layers_forward, rel=0.05)
 
 
-@pytest.mark.slow  # two compiles of 16K tokens: ~1 min
+@pytest.mark.slow  # four compiles of 16K tokens: ~2 min
 @needs_libtpu
-def test_memory_formula_against_the_compiled_peaks():
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_memory_formula_against_the_compiled_peaks(attention):
   """The formula prunes candidates: it must order the policies as the compiles do and stay
   within a factor of 1.6 of each compiled peak (8 rows of 512 tokens per chip, where
-  activations outweigh the weights as they do on a pod)."""
+  activations outweigh the weights as they do on a pod), for either attention."""
   devices = aot.topology_devices("v5e:2x2")
-  config = small_model("none")
+  config = small_model("none", attention)
   layout = aot.build_layout(config, devices)
   shape = estimate.Shape(aot.model_config(config), 512, 8, 1, 1, 1024)
   formula = {p: estimate.memory_bytes(layout, shape, p) for p in ("none", "full")}
-  compiled = {p: small_report(p, 32, 512)["per_chip_bytes"]["peak"] for p in ("none", "full")}
+  compiled = {p: small_report(p, 32, 512, attention)["per_chip_bytes"]["peak"]
+              for p in ("none", "full")}
   assert formula["none"] > formula["full"] and compiled["none"] > compiled["full"]
   for p in formula:
     assert 1 / 1.6 < formula[p] / compiled[p] < 1.6, (p, formula[p], compiled[p])
@@ -79,9 +81,40 @@ def test_formula_orders_policies_by_memory_and_recompute():
   assert redo[0] == 0 < redo[1] < redo[2] < 1 / 3  # full: the layers' forward, once more
 
 
+def test_formula_drops_the_logits_under_splash():
+  """Splash keeps a float32 logsumexp per query and head where XLA keeps float32 logits over
+  the keys (and their probabilities without remat); policies that keep no logits agree."""
+  cfg = aot.model_config(small_model("none"))
+  t, heads, keys = 2 * 2048, cfg.num_heads, estimate._attention_keys(cfg, 2048, "global")
+  kept = {}
+  for impl in ("xla", "splash"):
+    shape = estimate.Shape(cfg.replace(attention_impl=impl), 2048, 2, 1, 1, 1024)
+    kept[impl] = {p: estimate.layer_activation_bytes(shape, p) for p in
+                  ("none", "dots", "save_qkv_proj")}
+  assert kept["xla"]["dots"] - kept["splash"]["dots"] == t * heads * (keys - 1) * 4
+  assert kept["xla"]["none"] - kept["splash"]["none"] == t * heads * (1.5 * keys - 1) * 4
+  assert kept["xla"]["save_qkv_proj"] == kept["splash"]["save_qkv_proj"]
+  # 'auto' resolves as it would on TPU: splash where the sequence tiles, else xla.
+  for seq_len, impl in ((2048, "splash"), (1000, "xla")):
+    auto = estimate.Shape(cfg.replace(attention_impl="auto"), seq_len, 2, 1, 1, 1024)
+    same = estimate.Shape(cfg.replace(attention_impl=impl), seq_len, 2, 1, 1, 1024)
+    assert estimate.layer_activation_bytes(auto, "dots") == \
+        estimate.layer_activation_bytes(same, "dots")
+
+
+def test_shortlist_keeps_the_smaller_of_equal_estimates():
+  cands = [plan.Candidate("dots", 1, 8, 1, 16, 2048, 1, a) for a in ("xla", "splash")]
+  est = [plan.Estimated(cands[0], 5e9, 1.0), plan.Estimated(cands[1], 3e9, 1.0)]
+  assert [e.candidate.attention for e in plan.shortlist(est, 16e9)] == ["splash"]
+  assert [e.candidate.attention for e in plan.shortlist(est, 4e9)] == ["splash"]
+  est[0].seconds = 0.9  # faster wins over smaller
+  assert [e.candidate.attention for e in plan.shortlist(est, 16e9)] == ["xla"]
+
+
 def test_candidates_split_the_rows_evenly():
   cands = plan.candidates(rows=16, seq_len=128, chips=8)
   assert {c.remat for c in cands} == set(plan.PLANNED_POLICIES)
+  assert {c.attention for c in cands} == {"xla", "splash"}
   assert {(c.data, c.fsdp, c.tensor) for c in cands} == {(1, 8, 1), (1, 4, 2), (1, 2, 4),
                                                           (2, 4, 1)}
   for c in cands:
@@ -98,8 +131,8 @@ def test_nearest_topology_is_named():
 
 
 def _plan_cli(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "launch.plan", *args], capture_output=True, text=True,
-                        env=env, cwd=pathlib.Path(__file__).resolve().parent.parent)
+  return subprocess.run([sys.executable, "-m", "launch.plan", *args], capture_output=True,
+                        text=True, env=env, cwd=pathlib.Path(__file__).resolve().parent.parent)
 
 
 @needs_libtpu
@@ -139,7 +172,9 @@ def test_plan_picks_the_fastest_fitting_compile_and_writes_it(tmp_path, monkeypa
                 key=lambda r: r["step_seconds_estimate"]["total"])
   assert result["winner"]["report"] == fastest
   assert result["winner"]["report"]["per_chip_bytes"]["peak"] <= 0.9 * result["hbm_bytes"]
-  assert "| baseline, the config's layout: none mesh 1x4x1 batch 2x1 xla |" in result["table"]
+  # tiny's attention_impl 'auto' is splash on TPU (128 tokens tile its blocks).
+  assert "| baseline, the config's layout: none mesh 1x4x1 batch 2x1 splash |" in \
+      result["table"]
   # The written config file loads and carries the winner's layout.
   out = tmp_path / "planned.py"
   out.write_text(plan.config_file(str(pathlib.Path("configs/tiny.py").resolve()), out,
