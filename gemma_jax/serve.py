@@ -10,7 +10,9 @@ errors: gemma_jax/serving/api.py.
 --engine continuous (the default, gemma_jax/serving/continuous.py) decodes --max_batch slots
 together and lets requests join and leave between any two decode steps: a waiting prompt is
 prefilled (in chunks of --prefill_chunk tokens) into a free slot while the others keep
-decoding, and a finished or cancelled row frees its slot at once. Each slot holds
+decoding, and a finished or cancelled row frees its slot at once; each device call decodes
+up to --steps_per_dispatch tokens per slot (one while a free slot could take a waiting
+prompt; the call ends when a slot finishes while others wait). Each slot holds
 --cache_len positions (prompt + new tokens; default: the model's context). --engine static
 (gemma_jax/serving/engine.py) generates the requests arriving within --batch_wait_ms of each
 other as one batch that runs to completion. Both queue at most --max_queue requests (then
@@ -29,7 +31,11 @@ from gemma_jax import exits
 from gemma_jax.model_dir import load_model_dir
 from gemma_jax.sampler import Sampler
 from gemma_jax.serving.api import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT_S, create_app
-from gemma_jax.serving.continuous import DEFAULT_PREFILL_CHUNK, ContinuousEngine
+from gemma_jax.serving.continuous import (
+  DEFAULT_PREFILL_CHUNK,
+  DEFAULT_STEPS_PER_DISPATCH,
+  ContinuousEngine,
+)
 from gemma_jax.serving.engine import BaseEngine, Engine
 from gemma_jax.tokenizer import Tokenizer
 
@@ -39,6 +45,7 @@ ENGINES = ("continuous", "static")
 def build_app(checkpoint: str, *, dtype: str | None = None, engine: str = "continuous",
               max_batch: int = 16, max_queue: int = 64, batch_wait_ms: float = 10.0,
               cache_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+              steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH,
               max_new_tokens_limit: int = 1024, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               request_timeout_s: float | None = DEFAULT_TIMEOUT_S):
   """(app, engine) for a model directory; the caller starts and stops the engine."""
@@ -52,7 +59,8 @@ def build_app(checkpoint: str, *, dtype: str | None = None, engine: str = "conti
   worker: BaseEngine
   if engine == "continuous":
     worker = ContinuousEngine(sampler, max_batch=max_batch, max_queue=max_queue,
-                              cache_len=cache_len, prefill_chunk=prefill_chunk)
+                              cache_len=cache_len, prefill_chunk=prefill_chunk,
+                              steps_per_dispatch=steps_per_dispatch)
   else:
     worker = Engine(sampler, max_batch=max_batch, max_queue=max_queue,
                     batch_wait_s=batch_wait_ms / 1000)
@@ -83,6 +91,9 @@ def main(argv: list[str]) -> int:
                       "model's context)")
   parser.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                       help="continuous: prompt tokens read between two decode steps")
+  parser.add_argument("--steps_per_dispatch", type=int, default=DEFAULT_STEPS_PER_DISPATCH,
+                      help="continuous: decode steps per device call (a new request waits "
+                      "at most this many)")
   parser.add_argument("--request_timeout_s", type=float, default=DEFAULT_TIMEOUT_S,
                       help="a request not finished this long after it arrived gets 504 "
                       "(0: never)")
@@ -95,6 +106,7 @@ def main(argv: list[str]) -> int:
                             max_batch=args.max_batch, max_queue=args.max_queue,
                             batch_wait_ms=args.batch_wait_ms, cache_len=args.cache_len,
                             prefill_chunk=args.prefill_chunk,
+                            steps_per_dispatch=args.steps_per_dispatch,
                             max_new_tokens_limit=args.max_new_tokens_limit,
                             max_body_bytes=args.max_body_bytes,
                             request_timeout_s=args.request_timeout_s)

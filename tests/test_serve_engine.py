@@ -125,7 +125,8 @@ def slow_server(sampler):
   still running when tested."""
   endless = Sampler(nnx.merge(sampler.graphdef, sampler.params), sampler.tokenizer,
                     stop_token_ids=[-1])
-  engine = Recording(endless, max_batch=2, max_queue=1, cache_len=256, delay_s=0.02)
+  engine = Recording(endless, max_batch=2, max_queue=1, cache_len=256, delay_s=0.02,
+                     steps_per_dispatch=1)
   app = create_app(engine, model_name="tiny", max_new_tokens_limit=200, timeout_s=1.5)
   with serving(app, engine) as url:
     # Compile prefill, insert and decode first (the first try may pass the 1.5 s timeout

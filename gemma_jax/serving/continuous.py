@@ -10,8 +10,10 @@ requests never recompiles. Between decode steps the worker thread:
    into a row cache of its own; `_insert` copies that row into the slot and samples the first
    token. At most `prefill_chunk` prompt tokens are read between two steps, so a long prompt
    does not stall the running requests;
-3. runs `_generate_step`: one token for every slot (free slots masked, their output dropped),
-   then streams each request's new text and checks stop strings on the host (RowText).
+3. runs `_generate`: up to `steps_per_dispatch` tokens for every slot in one device call
+   (free slots masked; one step while a free slot could take a waiting prompt; the call ends
+   once a slot finishes if requests wait), then streams each request's new text and checks
+   stop strings on the host (RowText); tokens decoded past a host-side stop are dropped.
 
 A row never depends on the other rows: its cache row, its masks and its sampling key (its
 seed folded with its token count, as in the Sampler) are its own, and every step has the same
@@ -36,6 +38,10 @@ from gemma_jax.model.cache import RING_FIELDS
 from gemma_jax.serving.engine import BaseEngine, Job
 
 DEFAULT_PREFILL_CHUNK = 256
+# Decode steps per device call: the host's per-call work (dispatch, reading the tokens,
+# streaming) is paid once for them all. A request arriving meanwhile waits at most this many
+# steps; a slot that finishes while others wait ends the call at once.
+DEFAULT_STEPS_PER_DISPATCH = 8
 
 
 @jax.tree_util.register_dataclass
@@ -90,20 +96,41 @@ def _insert(cache: KVCache, slots: Slots, row: KVCache, logits, slot, length,
   return cache, slots, token, logprob, running
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "slots"))
-def _generate_step(graphdef, params, cache: KVCache, slots: Slots, free, stop_ids):
-  """One token for every active slot not in `free` [B] (slots the host frees now).
-  (cache, slots, token [B], logprob [B], live [B]: which slots produced a token)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"),
+                   donate_argnames=("cache", "slots"))
+def _generate(graphdef, params, cache: KVCache, slots: Slots, free, stop_ids, limit, waiting,
+              *, steps: int):
+  """Up to `limit` (<= steps) tokens for every active slot not in `free` [B] (slots the host
+  frees now), in one dispatch; it ends early when no slot is active, or, while requests
+  wait, as soon as a slot finishes (so the host refills it at once).
+  (cache, slots, tokens [steps, B], logprobs [steps, B], live [steps, B]: which slots
+  produced a token at each step; a slot's tokens are its first live steps)."""
   model = nnx.merge(graphdef, params)
-  live = slots.active & ~free
-  features, cache = model.cached_features(slots.last[:, None], cache.index[:, None],
-                                          live[:, None].astype(jnp.int32), cache)
-  token, logprob = sampling.sample_rows(model.logits(features)[:, 0], slots.rows, slots.count)
-  count = slots.count + live
-  stop = jnp.isin(token, stop_ids) | (count >= slots.rows.max_new)
-  slots = Slots(rows=slots.rows, count=count, last=jnp.where(live, token, slots.last),
-                active=live & ~stop)
-  return cache, slots, token, logprob, live
+  b = slots.last.shape[0]
+  slots = dataclasses.replace(slots, active=slots.active & ~free)
+  out = (jnp.zeros((steps, b), jnp.int32), jnp.zeros((steps, b), jnp.float32),
+         jnp.zeros((steps, b), bool))
+
+  def step(carry):
+    i, cache, slots, out, _ = carry
+    live = slots.active
+    features, cache = model.cached_features(slots.last[:, None], cache.index[:, None],
+                                            live[:, None].astype(jnp.int32), cache)
+    token, logprob = sampling.sample_rows(model.logits(features)[:, 0], slots.rows,
+                                          slots.count)
+    count = slots.count + live
+    stop = jnp.isin(token, stop_ids) | (count >= slots.rows.max_new)
+    slots = Slots(rows=slots.rows, count=count, last=jnp.where(live, token, slots.last),
+                  active=live & ~stop)
+    out = tuple(o.at[i].set(x) for o, x in zip(out, (token, logprob, live)))
+    return i + 1, cache, slots, out, (live & stop).any()
+
+  def more(carry):
+    i, _, slots, _, finished = carry
+    return (i < limit) & slots.active.any() & ~(waiting & finished)
+
+  _, cache, slots, out, _ = jax.lax.while_loop(more, step, (0, cache, slots, out, False))
+  return cache, slots, *out
 
 
 @dataclasses.dataclass
@@ -126,13 +153,16 @@ class ContinuousEngine(BaseEngine):
   """`max_batch` decode slots of `cache_len` positions (prompt + new tokens) each."""
 
   def __init__(self, sampler: sampling.Sampler, *, max_batch: int = 16, max_queue: int = 64,
-               cache_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+               cache_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+               steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH):
     super().__init__(sampler, max_batch=max_batch, max_queue=max_queue)
     longest = sampler.config.max_seq_len
     self.cache_len = min(cache_len or longest, longest)
-    if self.cache_len < 2 or prefill_chunk <= 0:
-      raise ValueError(f"cache_len must be at least 2 and prefill_chunk positive, got "
-                       f"{self.cache_len}, {prefill_chunk}")
+    if self.cache_len < 2 or prefill_chunk <= 0 or steps_per_dispatch <= 0:
+      raise ValueError(f"cache_len must be at least 2, prefill_chunk and steps_per_dispatch "
+                       f"positive, got {self.cache_len}, {prefill_chunk}, "
+                       f"{steps_per_dispatch}")
+    self.steps_per_dispatch = steps_per_dispatch
     self.prefill_chunk = sampling.bucket(prefill_chunk, least=sampling.MIN_BUCKET)
     self._stop_ids = jnp.asarray(sampler.stop_ids)
     self._stop_set = set(sampler.stop_ids.tolist())
@@ -227,27 +257,35 @@ class ContinuousEngine(BaseEngine):
     self._slots[slot] = row
     self._free[slot] = False
     token, logprob, running = jax.device_get((token, logprob, running))
-    self._emit(slot, row, int(token[0]), float(logprob[0]), bool(running[0]))
+    self._emit(slot, row, [int(token[0])], [float(logprob[0])], bool(running[0]))
 
   # --------------------------------------------------------------------------- decoding
 
   def _step(self) -> None:
+    """Decode up to steps_per_dispatch tokens per slot; one step only while a free slot
+    could take a waiting prompt (admission goes on between single steps)."""
     free, self._free = self._free, np.zeros(self.max_batch, bool)
-    self._cache, self._state, token, logprob, live = _generate_step(
+    waiting = self._filling is not None or bool(self._pending) or self._queue.qsize() > 0
+    limit = 1 if waiting and None in self._slots else self.steps_per_dispatch
+    self._cache, self._state, tokens, logprobs, live = _generate(
         self.sampler.graphdef, self.sampler.params, self._cache, self._state, free,
-        self._stop_ids)
-    token, logprob, live, running = jax.device_get((token, logprob, live, self._state.active))
+        self._stop_ids, np.int32(limit), np.bool_(waiting), steps=self.steps_per_dispatch)
+    tokens, logprobs, live, running = jax.device_get(
+        (tokens, logprobs, live, self._state.active))
     for slot, row in enumerate(self._slots):
-      if row is not None and live[slot]:
-        self._emit(slot, row, int(token[slot]), float(logprob[slot]), bool(running[slot]))
+      if row is not None and (n := int(live[:, slot].sum())):
+        self._emit(slot, row, tokens[:n, slot].tolist(), logprobs[:n, slot].tolist(),
+                   bool(running[slot]))
 
-  def _emit(self, slot: int, row: _Row, token: int, logprob: float, running: bool) -> None:
-    """Record a row's new token, send its delta, free its slot once it has finished."""
-    row.tokens.append(token)
-    row.logprobs.append(logprob)
+  def _emit(self, slot: int, row: _Row, tokens: list[int], logprobs: list[float],
+            running: bool) -> None:
+    """Record a row's new tokens, send their delta (one per dispatch), free its slot once
+    it has finished."""
+    row.tokens.extend(tokens)
+    row.logprobs.extend(logprobs)
     delta = row.text.update(row.index, np.asarray(row.tokens, np.int32),
                             np.asarray(row.logprobs, np.float32), not running,
-                            not running and token in self._stop_set)
+                            not running and tokens[-1] in self._stop_set)
     if delta is not None and not row.job.cancelled:
       row.job.on_delta(delta)
     if row.text.completion is not None:  # done on the device, or a stop string
