@@ -1,7 +1,8 @@
 """The HTTP server under load: the continuous engine against the static batcher, one run.
 
   python benchmarks/serve_load.py [--models tiny gemma3_270m] [--clients 16 32 64]
-      [--requests 96] [--max_batch 16] [--json benchmarks/serve_load.json]
+      [--requests 96] [--max_batch 16] [--steps_per_dispatch 8]
+      [--json benchmarks/serve_load.json]
 
 For each model, both engines serve on 127.0.0.1 (uvicorn in this process, as the tests do)
 and N closed-loop clients (each sends its next request when the last one is answered) share
@@ -46,6 +47,7 @@ from gemma_jax.config import get_config  # noqa: E402
 from gemma_jax.model import init_model  # noqa: E402
 from gemma_jax.sampler import Sampler, SamplingParams  # noqa: E402
 from gemma_jax.serve import build_app  # noqa: E402
+from gemma_jax.serving.continuous import DEFAULT_STEPS_PER_DISPATCH  # noqa: E402
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 CORPUS = ROOT / "tests" / "data" / "tokenizer_corpus.txt"
@@ -77,10 +79,11 @@ def workload(tokenizer: Tokenizer, n: int, seed: int = 0) -> list[tuple[str, int
 class Server:
   """One engine serving on a free 127.0.0.1 port in a thread."""
 
-  def __init__(self, directory: Path, engine: str, max_batch: int):
+  def __init__(self, directory: Path, engine: str, max_batch: int, steps_per_dispatch: int):
     self.app, self.engine = build_app(str(directory), engine=engine, max_batch=max_batch,
                                       max_queue=256, max_new_tokens_limit=256,
-                                      request_timeout_s=0)
+                                      request_timeout_s=0,
+                                      steps_per_dispatch=steps_per_dispatch)
     self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0,
                                                 log_level="warning"))
 
@@ -167,7 +170,7 @@ def bench_model(name: str, args) -> list[dict]:
   with tempfile.TemporaryDirectory() as tmp:
     directory = model_dir(name, Path(tmp))
     for engine in ("static", "continuous"):
-      with Server(directory, engine, args.max_batch) as server:
+      with Server(directory, engine, args.max_batch, args.steps_per_dispatch) as server:
         sampler = server.engine.sampler
         requests = workload(sampler.tokenizer, args.requests)
         if engine == "static":  # each request alone: the reference
@@ -204,6 +207,8 @@ def main() -> None:
   parser.add_argument("--clients", nargs="+", type=int, default=[16, 32, 64])
   parser.add_argument("--requests", type=int, default=96)
   parser.add_argument("--max_batch", type=int, default=16)
+  parser.add_argument("--steps_per_dispatch", type=int, default=DEFAULT_STEPS_PER_DISPATCH,
+                      help="the continuous engine's decode steps per device call")
   parser.add_argument("--json", default=str(ROOT / "benchmarks" / "serve_load.json"))
   args = parser.parse_args()
   print("| model | engine | clients | tokens/s | TTFT p50 s | TTFT p95 s | latency p50 s "
@@ -224,7 +229,8 @@ def main() -> None:
             f"{ratios['throughput_ratio']:.2f}x, p95 TTFT {ratios['ttft_p95_ratio']:.2f}x")
   with open(args.json, "w") as f:
     json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
-               "cpus": os.cpu_count(), "rows": rows, "continuous_vs_static": summary}, f,
+               "cpus": os.cpu_count(), "steps_per_dispatch": args.steps_per_dispatch,
+               "rows": rows, "continuous_vs_static": summary}, f,
               indent=1)
 
 
