@@ -73,13 +73,14 @@ def layer_activation_bytes(s: Shape, policy: str, kind: str = "global") -> float
     return 0.0
   if policy == "save_qkv_proj":
     return qkv
-  keys = 1 if _fused_attention(cfg, s.seq_len) else _attention_keys(cfg, s.seq_len, kind)
+  fused = _fused_attention(cfg, s.seq_len)
+  keys = 1 if fused else _attention_keys(cfg, s.seq_len, kind)
   logits = t * cfg.num_heads / tp * keys * 4  # float32 (fused: the logsumexp)
   dots = qkv + logits + t * (cfg.num_heads * h / tp + 2 * d + 2 * f / tp) * c
   if policy in ("dots", "dots_with_no_batch_dims"):
     return dots - (logits if policy == "dots_with_no_batch_dims" else 0.0)
   # "none": every intermediate: the probabilities, norms, GeLU and its product too.
-  probabilities = 0 if keys == 1 else logits / 2
+  probabilities = 0 if fused else logits / 2
   return dots + probabilities + t * (6 * d + 2 * f / tp) * c
 
 

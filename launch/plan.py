@@ -10,8 +10,8 @@ implementation (xla, and splash where the sequence tiles its blocks). The formul
 of launch.estimate drop those that cannot fit and order the rest by estimated speed; the
 fastest of each (policy, mesh) pair (of equal estimates the smaller: splash) is then
 AOT-compiled through launch.aot (one worker process per compile, with the libtpu flags TPU
-jobs run with), best first, until `--compiles` of them fit or
-`--max_compiles` have run, and so is the config's own layout (the baseline). The table gives
+jobs run with), best first, until `--compiles` of them fit or `--max_compiles` have run,
+and so is the config's own layout (the baseline). The table gives
 each compile's per-chip peak, whether it fits, and launch.aot's estimate of step time from
 the compiled program (HLO FLOPs at peak plus collective bytes over ICI). The winner is the
 fastest whose peak stays under `--margin` of the chip's memory; it is printed as --config.

@@ -16,10 +16,10 @@ only. A token at position p goes to ring slot p % window, so a row's last `windo
 never collide; a local layer's tokens attend to the ring as it was before the call plus
 each other (attention.py), which sees every key the full cache would: those within the
 window, the same segment and at most p. A single token per row (decoding) replaces only a
-key outside its window or segment, so it attends to the ring after its write instead. Only real tokens (segment != 0) are written, and of
-several tokens of one write landing on one slot the last wins, so right padding and packed
-rows keep each row's newest keys. The layers run with static kinds (transformer.py) to
-index the stack of their kind.
+key outside its window or segment, so it attends to the ring after its write instead. Only
+real tokens (segment != 0) are written, and of several tokens of one write landing on one
+slot the last wins, so right padding and packed rows keep each row's newest keys. The
+layers run with static kinds (transformer.py) to index the stack of their kind.
 """
 
 from __future__ import annotations
