@@ -55,12 +55,13 @@ def _attention_keys(cfg: ModelConfig, seq_len: int, kind: str) -> float:
   return min(keys, cfg.sliding_window + seq_len / QUERY_CHUNKS) if kind == "local" else keys
 
 
-def _fused_attention(cfg: ModelConfig, seq_len: int) -> bool:
-  """Whether attention runs as a fused TPU kernel (no [queries, keys] logits in HBM)."""
+def tpu_attention(cfg: ModelConfig, seq_len: int) -> str | None:
+  """The attention a TPU step of seq_len tokens runs: 'xla' or 'splash' ('auto' resolved);
+  None when TPU cannot run cfg's choice (validation says why)."""
   try:
-    return attention_impl.resolve(cfg, seq_len, "tpu") != "xla"
-  except ValueError:  # an impl TPU cannot run: validation rejects the candidate
-    return False
+    return attention_impl.resolve(cfg, seq_len, "tpu")
+  except ValueError:
+    return None
 
 
 def layer_activation_bytes(s: Shape, policy: str, kind: str = "global") -> float:
@@ -73,7 +74,7 @@ def layer_activation_bytes(s: Shape, policy: str, kind: str = "global") -> float
     return 0.0
   if policy == "save_qkv_proj":
     return qkv
-  fused = _fused_attention(cfg, s.seq_len)
+  fused = tpu_attention(cfg, s.seq_len) == "splash"  # no [queries, keys] logits in HBM
   keys = 1 if fused else _attention_keys(cfg, s.seq_len, kind)
   logits = t * cfg.num_heads / tp * keys * 4  # float32 (fused: the logsumexp)
   dots = qkv + logits + t * (cfg.num_heads * h / tp + 2 * d + 2 * f / tp) * c

@@ -42,7 +42,6 @@ from ml_collections import config_flags
 from configs.base import ConfigError, model_config, validate_layout
 from gemma_jax import exits
 from gemma_jax.metrics import PEAK_FLOPS
-from gemma_jax.model import attention_impl
 from gemma_jax.sharding import mesh_shape
 from launch import estimate, libtpu_flags
 from launch.compile_step import (
@@ -122,10 +121,7 @@ def as_candidate(config, chips: int, rows: int, seq_len: int) -> Candidate:
   shared with the candidate that is the same; 'auto' attention as it resolves on TPU)."""
   data, fsdp, tensor = mesh_shape(config.mesh, chips, "config.mesh")
   cfg = model_config(config)
-  try:
-    attention = attention_impl.resolve(cfg, seq_len, "tpu")
-  except ValueError:  # the compile reports why
-    attention = cfg.attention_impl
+  attention = estimate.tpu_attention(cfg, seq_len) or cfg.attention_impl  # compile says why
   return Candidate(cfg.remat_policy, data, fsdp, tensor, rows, seq_len,
                    config.train.microbatches, attention)
 

@@ -110,18 +110,19 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, rope_base, rope_scale)
     if cache is None:
       out = self._self_attention(q, k, v, positions, segment_ids, window)
-    elif cache.ring and static_window(window) is not None and q.shape[1] == 1:
-      # Decoding one token per row: its key replaces only the one that left its window, so
-      # it can attend to the ring after the write. Reading the ring before a write to it,
-      # XLA on CPU copied the whole ring stack in every layer (decode 2x slower in float32).
-      cache = cache.write_ring_kv(layer, positions, segment_ids, k, v)
-      mask = attention_mask(positions, segment_ids,
-                            *cache.ring_slots_with(positions, segment_ids), window)
-      out = dot_product_attention(q, cache.ring_k[layer], cache.ring_v[layer], mask,
-                                  self.logits_softcap)
     elif cache.ring and static_window(window) is not None:
-      out = self._ring_attention(q, k, v, positions, segment_ids, window, cache, layer)
-      cache = cache.write_ring_kv(layer, positions, segment_ids, k, v)
+      if q.shape[1] == 1:
+        # Decoding one token per row: its key replaces only the one that left its window, so
+        # it can attend to the ring after the write. Reading the ring before a write to it,
+        # XLA on CPU copied the whole ring stack in every layer (decode 2x slower in float32).
+        cache = cache.write_ring_kv(layer, positions, segment_ids, k, v)
+        mask = attention_mask(positions, segment_ids,
+                              *cache.ring_slots_with(positions, segment_ids), window)
+        out = dot_product_attention(q, cache.ring_k[layer], cache.ring_v[layer], mask,
+                                    self.logits_softcap)
+      else:
+        out = self._ring_attention(q, k, v, positions, segment_ids, window, cache, layer)
+        cache = cache.write_ring_kv(layer, positions, segment_ids, k, v)
     else:
       cache = cache.write_kv(layer, k, v)
       mask = attention_mask(positions, segment_ids, cache.positions, cache.segment_ids, window)

@@ -265,7 +265,7 @@ class ContinuousEngine(BaseEngine):
     """Decode up to steps_per_dispatch tokens per slot; one step only while a free slot
     could take a waiting prompt (admission goes on between single steps)."""
     free, self._free = self._free, np.zeros(self.max_batch, bool)
-    waiting = self._filling is not None or bool(self._pending) or self._queue.qsize() > 0
+    waiting = self._filling is not None or self.waiting > 0
     limit = 1 if waiting and None in self._slots else self.steps_per_dispatch
     self._cache, self._state, tokens, logprobs, live = _generate(
         self.sampler.graphdef, self.sampler.params, self._cache, self._state, free,
