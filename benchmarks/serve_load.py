@@ -1,19 +1,21 @@
 """The HTTP server under load: the continuous engine against the static batcher, one run.
 
   python benchmarks/serve_load.py [--models tiny gemma3_270m] [--clients 16 32 64]
-      [--requests 96] [--max_batch 16] [--steps_per_dispatch 8]
+      [--requests 96] [--max_batch 16] [--steps_per_dispatch 8] [--warm_passes 4]
       [--json benchmarks/serve_load.json]
 
 For each model, both engines serve on 127.0.0.1 (uvicorn in this process, as the tests do)
-and N closed-loop clients (each sends its next request when the last one is answered) share
+and N closed-loop clients (threads of a separate load process, each sending its next request
+when its last one is answered) share
 a fixed list of requests: mixed prompts (most 4-30 tokens, a quarter 64-100) and budgets
 (most 8-32 new tokens, a quarter 96-128), greedy, streamed. Reported per engine and N:
 throughput (generated tokens / wall time, tokens read from /metrics), p50/p95 time to first
 token (the first streamed event) and p50/p95 total latency. Every response is checked
 against the same request run alone (Sampler.generate of that one prompt): a lost or mixed-up
-request shows as a mismatch. Each engine first serves the whole list unmeasured, so
-compilation is not timed (the static batcher compiles per batch, width and budget bucket, so
-it is warmed at every client count).
+request shows as a mismatch. Before each measured load an engine serves the whole list
+unmeasured, again until a pass compiles nothing new (the static batcher compiles per batch,
+width and budget bucket, and its batches form by timing), at most --warm_passes times; each
+row says how many compilations its measured load still met (0: no compile time in it).
 
 Models (random weights, float32): `tiny` is tiny_gemma3 (7 layers, d=64); `gemma3_270m` is
 that preset's shape (18 layers, d=640, 4 query heads / 1 kv head of 256, MLP 2048, window 512)
@@ -27,6 +29,7 @@ import argparse
 import concurrent.futures
 import http.client
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -35,6 +38,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import uvicorn
 from flax import nnx
@@ -53,6 +57,11 @@ from gemma_jax.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 CORPUS = ROOT / "tests" / "data" / "tokenizer_corpus.txt"
 VOCAB = 1000
 MODELS = {"tiny": "tiny_gemma3", "gemma3_270m": "gemma3_270m"}
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+compilations = [0]  # backend compilations in this process so far
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **_: compilations.__setitem__(0, compilations[0] + (
+        event == COMPILE_EVENT)))
 
 
 def model_dir(name: str, tmp: Path) -> Path:
@@ -88,6 +97,7 @@ class Server:
                                                 log_level="warning"))
 
   def __enter__(self) -> Server:
+    self.engine.warm_up()
     self.engine.start()
     self.thread = threading.Thread(target=self.server.run, daemon=True)
     self.thread.start()
@@ -135,8 +145,10 @@ def stream(port: int, prompt: str, max_tokens: int) -> tuple[str, float, float]:
   return "".join(text), first, time.perf_counter() - start
 
 
-def load(server: Server, requests: list[tuple[str, int]], clients: int) -> dict:
-  """Serve every request with `clients` closed-loop clients; latencies and throughput."""
+def clients_run(port: int, requests: list[tuple[str, int]], clients: int
+                ) -> tuple[list[tuple[str, float, float]], float]:
+  """(stream() of each request, wall time) with `clients` closed-loop client threads; runs in
+  the load process."""
   todo = iter(range(len(requests)))
   lock = threading.Lock()
   results: list[tuple[str, float, float] | None] = [None] * len(requests)
@@ -147,14 +159,22 @@ def load(server: Server, requests: list[tuple[str, int]], clients: int) -> dict:
         i = next(todo, None)
       if i is None:
         return
-      results[i] = stream(server.port, *requests[i])
+      results[i] = stream(port, *requests[i])
 
-  tokens = server.generated_tokens()
   start = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     for future in [pool.submit(client) for _ in range(clients)]:
       future.result()
-  wall = time.perf_counter() - start
+  return results, time.perf_counter() - start
+
+
+def load(server: Server, requests: list[tuple[str, int]], clients: int,
+         loader: concurrent.futures.Executor) -> dict:
+  """Serve every request with `clients` closed-loop clients in the load process (their
+  threads do not share the server's GIL, as with a real load generator); latencies and
+  throughput."""
+  tokens = server.generated_tokens()
+  results, wall = loader.submit(clients_run, server.port, requests, clients).result()
   tokens = server.generated_tokens() - tokens
   ttft = [r[1] for r in results]
   total = [r[2] for r in results]
@@ -165,7 +185,7 @@ def load(server: Server, requests: list[tuple[str, int]], clients: int) -> dict:
           "latency_p95_s": pct(total, 95)}
 
 
-def bench_model(name: str, args) -> list[dict]:
+def bench_model(name: str, args, loader: concurrent.futures.Executor) -> list[dict]:
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     directory = model_dir(name, Path(tmp))
@@ -182,13 +202,17 @@ def bench_model(name: str, args) -> list[dict]:
                   for p, n in requests]
           print(f"{name}: {len(requests)} references alone in "
                 f"{time.perf_counter() - started:.0f} s", flush=True)
-        for clients in args.clients:  # warm-up: compile the shapes each load brings
-          load(server, requests, clients)
         for clients in args.clients:
-          result = load(server, requests, clients)
+          for _ in range(args.warm_passes):  # until a pass meets no new shape
+            before = compilations[0]
+            load(server, requests, clients, loader)
+            if compilations[0] == before:
+              break
+          before = compilations[0]
+          result = load(server, requests, clients, loader)
           texts = result.pop("texts")
           result.update(model=name, engine=engine, clients=clients, max_batch=args.max_batch,
-                        requests=len(requests),
+                        requests=len(requests), compilations=compilations[0] - before,
                         mismatches=sum(a != b for a, b in zip(texts, want)))
           rows.append(result)
           print(_row(result), flush=True)
@@ -198,7 +222,7 @@ def bench_model(name: str, args) -> list[dict]:
 def _row(r: dict) -> str:
   return (f"| {r['model']} | {r['engine']} | {r['clients']} | {r['tokens_per_s']:,.0f} | "
           f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['latency_p50_s']:.2f} | "
-          f"{r['latency_p95_s']:.2f} | {r['mismatches']} |")
+          f"{r['latency_p95_s']:.2f} | {r['mismatches']} | {r['compilations']} |")
 
 
 def main() -> None:
@@ -209,12 +233,17 @@ def main() -> None:
   parser.add_argument("--max_batch", type=int, default=16)
   parser.add_argument("--steps_per_dispatch", type=int, default=DEFAULT_STEPS_PER_DISPATCH,
                       help="the continuous engine's decode steps per device call")
+  parser.add_argument("--warm_passes", type=int, default=4,
+                      help="unmeasured passes at most before each measured load")
   parser.add_argument("--json", default=str(ROOT / "benchmarks" / "serve_load.json"))
   args = parser.parse_args()
   print("| model | engine | clients | tokens/s | TTFT p50 s | TTFT p95 s | latency p50 s "
-        "| latency p95 s | mismatches |\n|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| latency p95 s | mismatches | compilations |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         flush=True)
-  rows = [r for name in args.models for r in bench_model(name, args)]
+  spawn = multiprocessing.get_context("spawn")  # a fresh process: no JAX threads forked
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as loader:
+    rows = [r for name in args.models for r in bench_model(name, args, loader)]
   summary = []
   for name in args.models:
     for clients in args.clients:

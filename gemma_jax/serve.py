@@ -9,8 +9,9 @@ errors: gemma_jax/serving/api.py.
 
 --engine continuous (the default, gemma_jax/serving/continuous.py) decodes --max_batch slots
 together and lets requests join and leave between any two decode steps: a waiting prompt is
-prefilled (in chunks of --prefill_chunk tokens) into a free slot while the others keep
-decoding, and a finished or cancelled row frees its slot at once; each device call decodes
+prefilled (in chunks of --prefill_chunk tokens; short prompts waiting together in one call)
+into a free slot while the others keep decoding, and a finished or cancelled row frees its
+slot at once (--warm_up: compile every prefill shape first); each device call decodes
 up to --steps_per_dispatch tokens per slot (one while a free slot could take a waiting
 prompt; the call ends when a slot finishes while others wait). Each slot holds
 --cache_len positions (prompt + new tokens; default: the model's context). --engine static
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import uvicorn
 
@@ -94,6 +96,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--steps_per_dispatch", type=int, default=DEFAULT_STEPS_PER_DISPATCH,
                       help="continuous: decode steps per device call (a new request waits "
                       "at most this many)")
+  parser.add_argument("--warm_up", action="store_true",
+                      help="continuous: compile every prefill group shape and the decode step "
+                      "before serving (no request then waits for a compilation)")
   parser.add_argument("--request_timeout_s", type=float, default=DEFAULT_TIMEOUT_S,
                       help="a request not finished this long after it arrived gets 504 "
                       "(0: never)")
@@ -112,6 +117,11 @@ def main(argv: list[str]) -> int:
                             request_timeout_s=args.request_timeout_s)
   except (FileNotFoundError, ValueError) as e:
     raise exits.UsageError(exits.describe(e)) from e  # --checkpoint at fault
+  if args.warm_up:
+    started = time.perf_counter()
+    shapes = engine.warm_up()
+    print(f"warmed up: {shapes} prefill shapes and the decode step compiled in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
   engine.start()
   try:
     uvicorn.run(app, host=args.host, port=args.port)

@@ -5,19 +5,22 @@ model's cache layout with a per-row write index: position j of a row holds its r
 token j) and every slot's sampling settings as device arrays [max_batch], so a new mix of
 requests never recompiles. Between decode steps the worker thread:
 1. frees the slots of finished and cancelled requests;
-2. prefills waiting prompts into free slots, split as in JetStream: `_prefill` runs one prompt,
-   right-padded to a power-of-two bucket and cut in chunks of at most `prefill_chunk` tokens,
-   into a row cache of its own; `_insert` copies that row into the slot and samples the first
-   token. At most `prefill_chunk` prompt tokens are read between two steps, so a long prompt
-   does not stall the running requests;
+2. prefills waiting prompts into free slots, split as in JetStream: `_prefill` reads a group
+   of prompts (several short ones together, or one long one in chunks of `prefill_chunk`
+   tokens), right-padded to power-of-two buckets of rows and width, into a cache of their
+   own; `_insert` copies those rows into their slots and samples their first tokens. A group
+   is padded by repeating its last row, whose copy then writes the same slot twice with the
+   same values. At most `prefill_chunk` (padded) prompt tokens are read between two steps, so
+   a long prompt does not stall the running requests;
 3. runs `_generate`: up to `steps_per_dispatch` tokens for every slot in one device call
    (free slots masked; one step while a free slot could take a waiting prompt; the call ends
    once a slot finishes if requests wait), then streams each request's new text and checks
    stop strings on the host (RowText); tokens decoded past a host-side stop are dropped.
 
 A row never depends on the other rows: its cache row, its masks and its sampling key (its
-seed folded with its token count, as in the Sampler) are its own, and every step has the same
-shapes, so a request gives the same tokens whatever else is running. Single device: a
+seed folded with its token count, as in the Sampler) are its own, and every decode step has
+the same shapes, so a request gives the same tokens whatever else is running (its prefill
+group's shape can only round the last bit of a float differently). Single device: a
 sampler's mesh is not used here.
 """
 
@@ -62,37 +65,42 @@ def _empty_slots(batch: int) -> Slots:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill(graphdef, params, cache: KVCache, tokens, length):
-  """One chunk tokens [1, C] (its first `length` real) at the row cache's index: the cache
-  and the logits [1, V] after the chunk's last real token (the first token's, for the last)."""
+def _prefill(graphdef, params, cache: KVCache, tokens, lengths):
+  """One chunk tokens [G, C] (row i's first lengths[i] real) at the group cache's index: the
+  cache and the logits [G, V] after each row's last real token (its first token's, once the
+  chunk is its last)."""
   model = nnx.merge(graphdef, params)
   column = jnp.arange(tokens.shape[1])[None]
   positions = cache.index[:, None] + column
   features, cache = model.cached_features(tokens, positions,
-                                          (column < length).astype(jnp.int32), cache)
-  last = jax.lax.dynamic_slice_in_dim(features, jnp.maximum(length - 1, 0), 1, axis=1)
+                                          (column < lengths[:, None]).astype(jnp.int32), cache)
+  last = jnp.take_along_axis(features, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
   return cache, model.logits(last)[:, 0]
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "slots"))
-def _insert(cache: KVCache, slots: Slots, row: KVCache, logits, slot, length,
+def _insert(cache: KVCache, slots: Slots, group: KVCache, logits, slot_ids, lengths,
             settings: sampling.RowSettings, stop_ids):
-  """Put a prefilled row (cache of one row, first-token logits [1, V]) into `slot`; sample its
-  first token. (cache, slots, token [1], logprob [1], still running [1])."""
-  at = lambda a, lead: (0,) * lead + (slot,) + (0,) * (a.ndim - lead - 1)
-  kv = lambda big, small: jax.lax.dynamic_update_slice(big, small, at(big, 1))
-  # The slot's earlier request left its positions behind: segment 0 hides them all.
-  per_slot = lambda big, small: jax.lax.dynamic_update_slice(big.at[slot].set(0), small,
-                                                             at(big, 0))
-  copy = {f: (kv if getattr(cache, f).ndim == 5 else per_slot)(getattr(cache, f), getattr(row, f))
-          for f in ("k", "v", "positions", "segment_ids", *RING_FIELDS)
-          if getattr(cache, f) is not None}
-  cache = dataclasses.replace(cache, index=cache.index.at[slot].set(length), **copy)
-  token, logprob = sampling.sample_rows(logits, settings, jnp.zeros((1,), jnp.int32))
+  """Put the prefilled rows of group (first-token logits [G, V]) into slots slot_ids [G];
+  sample their first tokens. (cache, slots, token [G], logprob [G], still running [G])."""
+  fields = [f for f in ("k", "v", "positions", "segment_ids", *RING_FIELDS)
+            if getattr(cache, f) is not None]
+  copy = {f: getattr(cache, f) for f in fields}
+  for i, slot in enumerate(slot_ids):  # G is static and small: one update per row
+    for f in fields:
+      big, lead = copy[f], int(getattr(cache, f).ndim == 5)  # KV stacks: [layers, B, ...]
+      small = jax.lax.slice_in_dim(getattr(group, f), i, i + 1, axis=lead)
+      if not lead:  # the slot's earlier request left its positions: segment 0 hides them
+        big = big.at[slot].set(0)
+      copy[f] = jax.lax.dynamic_update_slice(
+          big, small, (0,) * lead + (slot,) + (0,) * (big.ndim - lead - 1))
+  cache = dataclasses.replace(cache, index=cache.index.at[slot_ids].set(lengths), **copy)
+  token, logprob = sampling.sample_rows(logits, settings, jnp.zeros_like(lengths))
   running = ~jnp.isin(token, stop_ids) & (settings.max_new > 1)
-  put = lambda a, x: a.at[slot].set(x[0])
-  slots = Slots(rows=jax.tree.map(put, slots.rows, settings), count=put(slots.count, [1]),
-                last=put(slots.last, token), active=put(slots.active, running))
+  put = lambda a, x: a.at[slot_ids].set(x)
+  slots = Slots(rows=jax.tree.map(put, slots.rows, settings),
+                count=put(slots.count, jnp.ones_like(lengths)), last=put(slots.last, token),
+                active=put(slots.active, running))
   return cache, slots, token, logprob, running
 
 
@@ -135,7 +143,7 @@ def _generate(graphdef, params, cache: KVCache, slots: Slots, free, stop_ids, li
 
 @dataclasses.dataclass
 class _Row:
-  """One prompt of a job on the host: its text so far and, while prefilling, its row cache."""
+  """One prompt of a job on the host: its text so far."""
 
   job: Job
   index: int  # the row within its job
@@ -144,9 +152,28 @@ class _Row:
   text: sampling.RowText
   tokens: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Group:
+  """Rows being prefilled together, padded to a power-of-two count by repeating the last;
+  `width` is the group cache's length (a power-of-two bucket of the longest prompt)."""
+
+  rows: list[_Row]
+  padded: list[_Row]
+  width: int
   cache: KVCache | None = None
-  logits: jax.Array | None = None  # after the last prompt token, once prefilled
-  read: int = 0  # prompt tokens prefilled so far
+  logits: jax.Array | None = None  # after each row's last prompt token, once read
+  read: int = 0  # prompt columns prefilled so far
+
+  @classmethod
+  def of(cls, rows: list[_Row], width: int) -> _Group:
+    return cls(rows, rows + rows[-1:] * (sampling.bucket(len(rows), least=1) - len(rows)),
+               width)
+
+  @property
+  def done(self) -> bool:
+    return self.read >= max(len(r.prompt) for r in self.rows)
 
 
 class ContinuousEngine(BaseEngine):
@@ -168,7 +195,7 @@ class ContinuousEngine(BaseEngine):
     self._stop_set = set(sampler.stop_ids.tolist())
     self._slots: list[_Row | None] = [None] * max_batch
     self._pending: collections.deque[_Row] = collections.deque()  # started jobs' rows
-    self._filling: _Row | None = None
+    self._filling: _Group | None = None
     self._free = np.zeros(max_batch, bool)  # slots for the device to drop at the next step
     self._reset()
 
@@ -187,6 +214,38 @@ class ContinuousEngine(BaseEngine):
   @property
   def active(self) -> int:
     return sum(row is not None for row in self._slots)
+
+  def group_shapes(self) -> list[tuple[int, int]]:
+    """Every (rows, width) of a prefill group `_next_group` can form: widths are the prompt
+    buckets up to cache_len; short groups hold up to bucket(max_batch) rows within the
+    budget, long ones a single row."""
+    widths, width = [], sampling.MIN_BUCKET
+    while not widths or widths[-1] < self.cache_len:
+      widths.append(min(width, self.cache_len))
+      width *= 2
+    most = sampling.bucket(self.max_batch, least=1)
+    counts = lambda w: [g for g in (1 << i for i in range(most.bit_length()))
+                        if g == 1 or (w <= self.prefill_chunk and g * w <= self.prefill_chunk)]
+    return [(rows, w) for w in widths for rows in counts(w)]
+
+  def warm_up(self) -> int:
+    """Compile what serving runs (prefill and insert for every group shape, decode) on dummy
+    prompts, so no request waits for a compilation; the number of group shapes. Call before
+    start()."""
+    job = Job([], [], on_delta=lambda _: None, on_error=lambda _: None)
+    params = sampling.SamplingParams(max_new_tokens=2)
+    shapes = self.group_shapes()
+    for rows, width in shapes:
+      dummy = [_Row(job, i, [1] * width, params,
+                    sampling.RowText([1] * width, params, self.sampler.tokenizer))
+               for i in range(min(rows, self.max_batch))]
+      group = _Group.of(dummy, width)  # (a count past max_batch pads to `rows`)
+      while not group.done:
+        self._prefill_chunk(group)
+      self._insert(group)
+      self._step()
+      self._clear()
+    return len(shapes)
 
   def submit(self, job: Job) -> None:
     for i, (prompt, params) in enumerate(zip(job.prompts, job.params)):
@@ -216,48 +275,70 @@ class ContinuousEngine(BaseEngine):
                            for i, (p, sp) in enumerate(zip(job.prompts, job.params)))
 
   def _admit(self) -> None:
-    """Prefill waiting rows into free slots, at most prefill_chunk prompt tokens (one chunk
-    at least) per call."""
+    """Prefill waiting rows into free slots, at most prefill_chunk padded prompt tokens (one
+    chunk at least) per call."""
     budget = self.prefill_chunk
     while budget > 0 and None in self._slots:
       if self._filling is None:
-        if not self._pending:
-          self._take(self._next_job(0))
-        if not self._pending:
+        self._filling = self._next_group(budget)
+        if self._filling is None:
           return
-        self._filling = self._pending.popleft()
       budget -= self._prefill_chunk(self._filling)
-      if self._filling.read >= len(self._filling.prompt):
-        row, self._filling = self._filling, None
-        self._insert(row)
+      if self._filling.done:
+        group, self._filling = self._filling, None
+        self._insert(group)
 
-  def _prefill_chunk(self, row: _Row) -> int:
-    """Read the next chunk of row's prompt into its row cache; the chunk's width."""
-    n = len(row.prompt)
-    width = min(sampling.bucket(n), self.cache_len)
-    size = min(width, self.prefill_chunk)
-    if row.cache is None:
-      row.cache = init_cache(self.sampler.config, 1, width, per_row=True,
-                             ring=self._cache.ring)  # the slots' layout, to insert into
-    chunk = np.zeros((1, size), np.int32)
-    real = row.prompt[row.read:row.read + size]
-    chunk[0, :len(real)] = real
-    row.cache, row.logits = _prefill(self.sampler.graphdef, self.sampler.params, row.cache,
-                                     chunk, np.int32(len(real)))
-    row.read += size
-    return size
+  def _next_row(self) -> _Row | None:
+    if not self._pending:
+      self._take(self._next_job(0))
+    return self._pending[0] if self._pending else None
 
-  def _insert(self, row: _Row) -> None:
-    slot = self._slots.index(None)
-    settings = jax.tree.map(jnp.asarray, sampling.row_settings([row.params], 1))
+  def _next_group(self, budget: int) -> _Group | None:
+    """The waiting rows to prefill together: one long prompt (read in chunks), or as many
+    short ones as there are free slots and the budget's rows x width hold."""
+    width = lambda row: min(sampling.bucket(len(row.prompt)), self.cache_len)
+    rows, free = [], self._slots.count(None)
+    while len(rows) < free and (row := self._next_row()) is not None:
+      grown = max(width(r) for r in (*rows, row))
+      if rows and (grown > self.prefill_chunk
+                   or sampling.bucket(len(rows) + 1, least=1) * grown > budget):
+        break
+      rows.append(self._pending.popleft())
+      if grown > self.prefill_chunk:  # a long prompt goes alone
+        break
+    return _Group.of(rows, max(width(r) for r in rows)) if rows else None
+
+  def _prefill_chunk(self, group: _Group) -> int:
+    """Read the next chunk of the group's prompts into its cache; the padded tokens read."""
+    size = min(group.width, self.prefill_chunk)
+    if group.cache is None:
+      group.cache = init_cache(self.sampler.config, len(group.padded), group.width,
+                               per_row=True, ring=self._cache.ring)  # the slots' layout
+    chunk = np.zeros((len(group.padded), size), np.int32)
+    lengths = np.zeros(len(group.padded), np.int32)
+    for i, row in enumerate(group.padded):
+      real = row.prompt[group.read:group.read + size]
+      chunk[i, :len(real)], lengths[i] = real, len(real)
+    # A short group is read in one chunk, so no row's logits come from a chunk past its end.
+    group.cache, group.logits = _prefill(self.sampler.graphdef, self.sampler.params,
+                                         group.cache, chunk, lengths)
+    group.read += size
+    return chunk.size
+
+  def _insert(self, group: _Group) -> None:
+    slots = [i for i, row in enumerate(self._slots) if row is None][:len(group.rows)]
+    slot_ids = np.array(slots + slots[-1:] * (len(group.padded) - len(slots)), np.int32)
+    settings = jax.tree.map(jnp.asarray,
+                            sampling.row_settings([r.params for r in group.padded],
+                                                  len(group.padded)))
     self._cache, self._state, token, logprob, running = _insert(
-        self._cache, self._state, row.cache, row.logits, np.int32(slot),
-        np.int32(len(row.prompt)), settings, self._stop_ids)
-    row.cache = row.logits = None
-    self._slots[slot] = row
-    self._free[slot] = False
+        self._cache, self._state, group.cache, group.logits, slot_ids,
+        np.array([len(r.prompt) for r in group.padded], np.int32), settings, self._stop_ids)
     token, logprob, running = jax.device_get((token, logprob, running))
-    self._emit(slot, row, [int(token[0])], [float(logprob[0])], bool(running[0]))
+    for i, (slot, row) in enumerate(zip(slots, group.rows)):
+      self._slots[slot] = row
+      self._free[slot] = False
+      self._emit(slot, row, [int(token[i])], [float(logprob[i])], bool(running[i]))
 
   # --------------------------------------------------------------------------- decoding
 
@@ -301,14 +382,19 @@ class ContinuousEngine(BaseEngine):
         self._release(slot)
     if any(r.job.cancelled for r in self._pending):
       self._pending = collections.deque(r for r in self._pending if not r.job.cancelled)
-    if self._filling is not None and self._filling.job.cancelled:
-      self._filling = None
+    if self._filling is not None and all(r.job.cancelled for r in self._filling.rows):
+      self._filling = None  # (a group's other cancelled rows leave their slots once in)
 
   def _fail(self, error: Exception) -> None:
     """Report an engine failure to every request it holds and start afresh."""
-    rows = [r for r in (*self._slots, self._filling, *self._pending) if r is not None]
+    filling = self._filling.rows if self._filling is not None else []
+    rows = [r for r in (*self._slots, *filling, *self._pending) if r is not None]
     for job in {id(r.job): r.job for r in rows}.values():
       job.on_error(error)
+    self._clear()
+
+  def _clear(self) -> None:
+    """Empty every slot, the waiting rows and the cache."""
     self._slots = [None] * self.max_batch
     self._pending.clear()
     self._filling = None

@@ -76,6 +76,11 @@ class BaseEngine:
     """Rows being generated now."""
     return 0
 
+  def warm_up(self) -> int:
+    """Compile ahead what serving runs, before start(); the number of shapes compiled (0: this
+    engine compiles as requests come)."""
+    return 0
+
   def submit(self, job: Job) -> None:
     if not 0 < len(job.prompts) <= self.max_batch:
       raise ValueError(f"a request must have 1 to {self.max_batch} prompts, "
