@@ -1,7 +1,7 @@
 """The HTTP server under load: the continuous engine against the static batcher, one run.
 
   python benchmarks/serve_load.py [--models tiny gemma3_270m] [--clients 16 32 64]
-      [--requests 96] [--max_batch 16] [--steps_per_dispatch 8] [--warm_passes 4]
+      [--requests 96] [--max_batch 16] [--steps_per_dispatch 8] [--max_passes 8]
       [--json benchmarks/serve_load.json]
 
 For each model, both engines serve on 127.0.0.1 (uvicorn in this process, as the tests do)
@@ -12,10 +12,11 @@ a fixed list of requests: mixed prompts (most 4-30 tokens, a quarter 64-100) and
 throughput (generated tokens / wall time, tokens read from /metrics), p50/p95 time to first
 token (the first streamed event) and p50/p95 total latency. Every response is checked
 against the same request run alone (Sampler.generate of that one prompt): a lost or mixed-up
-request shows as a mismatch. Before each measured load an engine serves the whole list
-unmeasured, again until a pass compiles nothing new (the static batcher compiles per batch,
-width and budget bucket, and its batches form by timing), at most --warm_passes times; each
-row says how many compilations its measured load still met (0: no compile time in it).
+request shows as a mismatch. An engine serves the whole list again and again, at most
+--max_passes times, until a pass compiles nothing new (the static batcher compiles per batch,
+width and budget bucket, and its batches form by timing; the continuous engine is warmed up
+first); that pass is the one reported, with its number and the compilations it met (0: no
+compile time in its figures).
 
 Models (random weights, float32): `tiny` is tiny_gemma3 (7 layers, d=64); `gemma3_270m` is
 that preset's shape (18 layers, d=640, 4 query heads / 1 kv head of 256, MLP 2048, window 512)
@@ -203,16 +204,15 @@ def bench_model(name: str, args, loader: concurrent.futures.Executor) -> list[di
           print(f"{name}: {len(requests)} references alone in "
                 f"{time.perf_counter() - started:.0f} s", flush=True)
         for clients in args.clients:
-          for _ in range(args.warm_passes):  # until a pass meets no new shape
+          for passes in range(1, args.max_passes + 1):  # the first that meets no new shape
             before = compilations[0]
-            load(server, requests, clients, loader)
+            result = load(server, requests, clients, loader)
             if compilations[0] == before:
               break
-          before = compilations[0]
-          result = load(server, requests, clients, loader)
           texts = result.pop("texts")
           result.update(model=name, engine=engine, clients=clients, max_batch=args.max_batch,
-                        requests=len(requests), compilations=compilations[0] - before,
+                        requests=len(requests), passes=passes,
+                        compilations=compilations[0] - before,
                         mismatches=sum(a != b for a, b in zip(texts, want)))
           rows.append(result)
           print(_row(result), flush=True)
@@ -233,8 +233,8 @@ def main() -> None:
   parser.add_argument("--max_batch", type=int, default=16)
   parser.add_argument("--steps_per_dispatch", type=int, default=DEFAULT_STEPS_PER_DISPATCH,
                       help="the continuous engine's decode steps per device call")
-  parser.add_argument("--warm_passes", type=int, default=4,
-                      help="unmeasured passes at most before each measured load")
+  parser.add_argument("--max_passes", type=int, default=8,
+                      help="passes over the request list at most per engine and client count")
   parser.add_argument("--json", default=str(ROOT / "benchmarks" / "serve_load.json"))
   args = parser.parse_args()
   print("| model | engine | clients | tokens/s | TTFT p50 s | TTFT p95 s | latency p50 s "
