@@ -224,9 +224,14 @@ class ContinuousEngine(BaseEngine):
       widths.append(min(width, self.cache_len))
       width *= 2
     most = sampling.bucket(self.max_batch, least=1)
-    counts = lambda w: [g for g in (1 << i for i in range(most.bit_length()))
-                        if g == 1 or (w <= self.prefill_chunk and g * w <= self.prefill_chunk)]
-    return [(rows, w) for w in widths for rows in counts(w)]
+    return [(rows, w) for w in widths for rows in (1 << i for i in range(most.bit_length()))
+            if self._group_fits(rows, w, self.prefill_chunk)]
+
+  def _group_fits(self, rows: int, width: int, budget: int) -> bool:
+    """Whether a prefill group of `rows` prompts `width` wide is allowed: one row always
+    (read in chunks when long), several when short and their padded tokens fit the budget."""
+    return rows == 1 or (width <= self.prefill_chunk
+                         and sampling.bucket(rows, least=1) * width <= budget)
 
   def warm_up(self) -> int:
     """Compile what serving runs (prefill and insert for every group shape, decode) on dummy
@@ -236,6 +241,7 @@ class ContinuousEngine(BaseEngine):
     params = sampling.SamplingParams(max_new_tokens=2)
     shapes = self.group_shapes()
     for rows, width in shapes:
+      self._clear()
       dummy = [_Row(job, i, [1] * width, params,
                     sampling.RowText([1] * width, params, self.sampler.tokenizer))
                for i in range(min(rows, self.max_batch))]
@@ -243,8 +249,8 @@ class ContinuousEngine(BaseEngine):
       while not group.done:
         self._prefill_chunk(group)
       self._insert(group)
-      self._step()
-      self._clear()
+    self._step()  # the decode step's one shape, on the last group's rows
+    self._clear()
     return len(shapes)
 
   def submit(self, job: Job) -> None:
@@ -300,8 +306,7 @@ class ContinuousEngine(BaseEngine):
     rows, free = [], self._slots.count(None)
     while len(rows) < free and (row := self._next_row()) is not None:
       grown = max(width(r) for r in (*rows, row))
-      if rows and (grown > self.prefill_chunk
-                   or sampling.bucket(len(rows) + 1, least=1) * grown > budget):
+      if rows and not self._group_fits(len(rows) + 1, grown, budget):
         break
       rows.append(self._pending.popleft())
       if grown > self.prefill_chunk:  # a long prompt goes alone
