@@ -2,6 +2,7 @@
 stop strings, budgets, cancellation, queue full, timeouts, /metrics and a 48-client load."""
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -162,15 +163,15 @@ def test_a_full_context_budget_fits_the_slot(engine):
     submit(engine, [2, 10, 11], SamplingParams(max_new_tokens=94))
 
 
-@pytest.fixture
-def slow_server(sampler):
+@contextlib.contextmanager
+def slow_serving(sampler, timeout_s: float | None):
   """A server whose engine sleeps 20 ms per step and never meets a stop token: requests are
   still running when tested."""
   endless = Sampler(nnx.merge(sampler.graphdef, sampler.params), sampler.tokenizer,
                     stop_token_ids=[-1])
   engine = Recording(endless, max_batch=2, max_queue=1, cache_len=256, delay_s=0.02,
                      steps_per_dispatch=1)
-  app = create_app(engine, model_name="tiny", max_new_tokens_limit=200, timeout_s=1.5)
+  app = create_app(engine, model_name="tiny", max_new_tokens_limit=200, timeout_s=timeout_s)
   with serving(app, engine) as url:
     # Compile prefill, insert and decode first, straight on the engine (over HTTP a compile
     # can pass the 1.5 s timeout and the retries meet a full queue): the tests time requests
@@ -181,6 +182,21 @@ def slow_server(sampler):
     warm = lambda: request(f"{url}/v1/completions", {**LONG_BODY, "max_tokens": 2})[0]
     wait_until(lambda: warm() == 200, "the warmed server did not answer within its timeout")
     yield url, engine
+
+
+@pytest.fixture
+def slow_server(sampler):
+  """A slow server with a 1.5 s request timeout."""
+  with slow_serving(sampler, timeout_s=1.5) as served:
+    yield served
+
+
+@pytest.fixture
+def untimed_slow_server(sampler):
+  """A slow server without a request timeout, which on a loaded machine could otherwise end a
+  request before the event under test."""
+  with slow_serving(sampler, timeout_s=None) as served:
+    yield served
 
 
 LONG_BODY = {"prompt": "The baker kneads the dough", "max_tokens": 200, "temperature": 0.8,
@@ -212,8 +228,8 @@ def post(url: str, body: dict) -> socket.socket:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_disconnects_frees_its_slot(slow_server, stream):
-  url, engine = slow_server
+def test_a_client_that_disconnects_frees_its_slot(untimed_slow_server, stream):
+  url, engine = untimed_slow_server
   cancelled = metric(url, 'gemma_requests_total{outcome="cancelled"}')
   sock = post(url, {**LONG_BODY, "stream": stream})
   wait_until(lambda: engine.active == 1, "the request did not start")
