@@ -257,7 +257,8 @@ def main() -> None:
       print(f"{name} x{clients}: continuous / static throughput "
             f"{ratios['throughput_ratio']:.2f}x, p95 TTFT {ratios['ttft_p95_ratio']:.2f}x")
   with open(args.json, "w") as f:
-    json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
+    json.dump({"command": " ".join(["python", *sys.argv]),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
                "cpus": os.cpu_count(), "steps_per_dispatch": args.steps_per_dispatch,
                "rows": rows, "continuous_vs_static": summary}, f,
               indent=1)

@@ -363,20 +363,27 @@ def test_full_queue_gets_503(server):
 
 
 def test_serve_command_binds_loopback_by_default(model_dir):
-  """`python -m gemma_jax.serve` on a model directory: 127.0.0.1, answers /health."""
+  """`python -m gemma_jax.serve` on a model directory: warms up when asked, serves on
+  127.0.0.1, answers /health and a completion."""
   proc = subprocess.Popen([sys.executable, "-m", "gemma_jax.serve", "--checkpoint",
-                           str(model_dir), "--port", "0", "--max_body_bytes", "100"],
-                          stderr=subprocess.PIPE, text=True)
+                           str(model_dir), "--port", "0", "--max_body_bytes", "100",
+                           "--warm_up", "--cache_len", "32"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
-  threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+  threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
   try:
     deadline = time.monotonic() + TIMEOUT
     while not (match := re.search(r"Uvicorn running on http://([\d.]+):(\d+)", "".join(lines))):
       assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
       time.sleep(0.05)
     assert match[1] == "127.0.0.1"
+    assert re.search(r"warmed up: \d+ prefill shapes and the decode step compiled",
+                     "".join(lines)), "".join(lines)
     status, body = request(f"http://127.0.0.1:{match[2]}/health")
     assert status == 200 and body["status"] == "ok"
+    status, body = request(f"http://127.0.0.1:{match[2]}/v1/completions",
+                           {"prompt": "bread", "max_tokens": 4, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1, body
     status, error = request(f"http://127.0.0.1:{match[2]}/score", raw=b" " * 101)
     assert status == 413 and error["error"]["param"] == "body"
   finally:
