@@ -197,11 +197,19 @@ class ContinuousEngine(BaseEngine):
     self._pending: collections.deque[_Row] = collections.deque()  # started jobs' rows
     self._filling: _Group | None = None
     self._free = np.zeros(max_batch, bool)  # slots for the device to drop at the next step
+    self._device = min(jax.tree.leaves(sampler.params)[0].devices(), key=lambda d: d.id)
     self._reset()
 
+  def _placed(self, tree):
+    """tree committed to the weights' device. jit compiles apart for committed and
+    uncommitted arguments, and the device calls' outputs are committed when the weights are
+    (a loaded checkpoint's): fresh state must be too, or warm_up compiles the wrong kind."""
+    return jax.device_put(tree, self._device)
+
   def _reset(self) -> None:
-    self._cache = init_cache(self.sampler.config, self.max_batch, self.cache_len, per_row=True)
-    self._state = _empty_slots(self.max_batch)
+    self._cache = self._placed(init_cache(self.sampler.config, self.max_batch, self.cache_len,
+                                          per_row=True))
+    self._state = self._placed(_empty_slots(self.max_batch))
 
   @property
   def context(self) -> int:
@@ -317,8 +325,9 @@ class ContinuousEngine(BaseEngine):
     """Read the next chunk of the group's prompts into its cache; the padded tokens read."""
     size = min(group.width, self.prefill_chunk)
     if group.cache is None:
-      group.cache = init_cache(self.sampler.config, len(group.padded), group.width,
-                               per_row=True, ring=self._cache.ring)  # the slots' layout
+      group.cache = self._placed(init_cache(self.sampler.config, len(group.padded),
+                                            group.width, per_row=True,
+                                            ring=self._cache.ring))  # the slots' layout
     chunk = np.zeros((len(group.padded), size), np.int32)
     lengths = np.zeros(len(group.padded), np.int32)
     for i, row in enumerate(group.padded):
