@@ -256,12 +256,18 @@ def main() -> None:
       ratios = summary[-1]
       print(f"{name} x{clients}: continuous / static throughput "
             f"{ratios['throughput_ratio']:.2f}x, p95 TTFT {ratios['ttft_p95_ratio']:.2f}x")
-  with open(args.json, "w") as f:
-    json.dump({"command": " ".join(["python", *sys.argv]),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
-               "cpus": os.cpu_count(), "steps_per_dispatch": args.steps_per_dispatch,
-               "rows": rows, "continuous_vs_static": summary}, f,
-              indent=1)
+  run = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
+         "machine": platform.machine(), "cpus": os.cpu_count(),
+         "steps_per_dispatch": args.steps_per_dispatch, "rows": rows,
+         "continuous_vs_static": summary}
+  save_run(Path(args.json), run)
+
+
+def save_run(path: Path, run: dict, keep: int = 4) -> None:
+  """Add the run to the file's "runs" (the last `keep`; RESULTS.md quotes several runs, and
+  the static batcher's figures vary from run to run)."""
+  runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+  path.write_text(json.dumps({"runs": [*runs, run][-keep:]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

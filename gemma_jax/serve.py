@@ -117,7 +117,10 @@ def main(argv: list[str]) -> int:
                             request_timeout_s=args.request_timeout_s)
   except (FileNotFoundError, ValueError) as e:
     raise exits.UsageError(exits.describe(e)) from e  # --checkpoint at fault
-  if args.warm_up:
+  if args.warm_up and args.engine == "static":
+    print("--warm_up: nothing to compile ahead for --engine static (each batch shape "
+          "compiles when first met)", flush=True)
+  elif args.warm_up:
     started = time.perf_counter()
     shapes = engine.warm_up()
     print(f"warmed up: {shapes} prefill shapes and the decode step compiled in "
