@@ -4,6 +4,7 @@ stop strings, budgets, cancellation, queue full, timeouts, /metrics and a 48-cli
 import concurrent.futures
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from gemma_jax.model import init_model
 from gemma_jax.sampler import Sampler, SamplingParams
 from gemma_jax.serving import metrics
 from gemma_jax.serving.api import create_app
-from gemma_jax.serving.continuous import ContinuousEngine
+from gemma_jax.serving.continuous import ContinuousEngine, _generate
 from gemma_jax.serving.engine import Job
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
 
@@ -151,6 +152,24 @@ def test_warm_up_compiles_every_shape_a_load_meets(sampler):
     engine.stop()
     jax.monitoring.unregister_event_duration_listener(listen)
   assert compiles == []  # (the prefill, insert and decode of every group shape were warm)
+
+
+def test_decode_writes_each_cache_stack_in_place(sampler):
+  # Every slot writes its own position: one scatter per stack, updated in place. Through the
+  # layer's slice, the compiled step copied the slice out and back in every layer
+  # (dynamic-update-slices of the whole stack), and a copy of a stack is a copy of it all.
+  engine = ContinuousEngine(sampler, max_batch=4, cache_len=96)
+  cache = engine._cache
+  hlo = _generate.lower(sampler.graphdef, sampler.params, cache, engine._state,
+                        np.zeros(4, bool), engine._stop_ids, np.int32(2), np.bool_(False),
+                        steps=2).compile().as_text()
+  stacks = {"k": cache.k, "ring_k": cache.ring_k}  # (v and ring_v have the same shapes)
+  assert cache.ring and cache.k.shape != cache.ring_k.shape
+  for name, stack in stacks.items():
+    shape = f"f32[{','.join(map(str, stack.shape))}]"
+    ops = re.findall(re.escape(shape) + r"\{[^}]*\} ([\w-]+)\(", hlo)
+    assert ops.count("scatter") == 2, (name, ops)
+    assert "dynamic-update-slice" not in ops and "copy" not in ops, (name, ops)
 
 
 def test_stop_strings_cut_the_text_as_in_the_sampler(engine, sampler):

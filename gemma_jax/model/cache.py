@@ -139,11 +139,11 @@ class KVCache:
 
 
 def _scatter_layer(stack, layer, rows, slots, new):
-  """stack[layer, rows, slots] = new (out-of-range slots dropped) through the layer's slice:
-  XLA on CPU copies the whole stack a scatter writes into, but updates a slice in place."""
-  one = jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False)
-  one = one.at[rows, slots].set(new.astype(stack.dtype), mode="drop")
-  return jax.lax.dynamic_update_index_in_dim(stack, one, layer, 0)
+  """stack[layer, rows, slots] = new (out-of-range slots dropped), one scatter into the
+  stack: XLA on CPU updates it in place (checked in the compiled decode and prefill). Going
+  through the layer's slice instead copied the slice out and back in every layer (4 copies
+  of [B, S, K, H] per layer and step: decoding 15-25% slower)."""
+  return stack.at[layer, rows, slots].set(new.astype(stack.dtype), mode="drop")
 
 
 def uses_ring(cfg: ModelConfig, length: int) -> bool:
