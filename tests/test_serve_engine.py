@@ -109,9 +109,10 @@ def test_rows_join_and_leave_at_every_step_with_the_tokens_they_get_alone(engine
 
 def test_short_prompts_waiting_together_are_prefilled_as_one_group(sampler):
   engine = Recording(sampler, max_batch=4, max_queue=8, cache_len=64, prefill_chunk=64)
-  prompts = [[2, 5, 9], [2, 7, 7, 7, 8], list(range(2, 13))]  # widths 8, 8, 16
+  prompts = [[2, 5, 9], [2, 7, 7, 7, 8], list(range(2, 10)), list(range(2, 13))]
   params = [SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=9),
-            SamplingParams(max_new_tokens=7, temperature=0.9, top_k=40, seed=3)]
+            SamplingParams(max_new_tokens=7, temperature=0.9, top_k=40, seed=3),
+            SamplingParams(max_new_tokens=5)]  # widths 8, 8, 8, 16
   together = [submit(engine, p, sp) for p, sp in zip(prompts, params)]  # before it starts
   engine.start()
   try:
@@ -119,14 +120,20 @@ def test_short_prompts_waiting_together_are_prefilled_as_one_group(sampler):
     alone = [submit(engine, p, sp).result(TIMEOUT) for p, sp in zip(prompts, params)]
   finally:
     engine.stop()
-  # Three rows of width 16 in one group padded to four (the last row twice: its slot is
-  # written twice with the same values), then one group each.
-  assert engine.groups == [3, 1, 1, 1]
+  # Three rows of width 8 in one group padded to four (the last row twice: its slot is
+  # written twice with the same values), the wider row apart, then one group each.
+  assert engine.groups == [3, 1, 1, 1, 1, 1]
   assert [c.tokens for c in together] == [c.tokens for c in alone]
   for c, a in zip(together, alone):
     np.testing.assert_allclose(c.logprobs, a.logprobs, rtol=1e-5, atol=1e-6)
   want = sampler.generate(prompts[:2], params[:2])
   assert [c.tokens for c in together[:2]] == [c.tokens for c in want]
+
+
+def test_prompt_widths_are_quarter_octaves_up_to_the_chunk(sampler):
+  widths = lambda **kw: ContinuousEngine(sampler, max_batch=2, **kw).widths
+  assert widths(cache_len=256) == [8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+  assert widths(cache_len=200, prefill_chunk=32) == [8, 16, 24, 32, 64, 128, 200]
 
 
 def test_warm_up_compiles_every_shape_a_load_meets(sampler):

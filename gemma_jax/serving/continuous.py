@@ -7,8 +7,9 @@ requests never recompiles. Between decode steps the worker thread:
 1. frees the slots of finished and cancelled requests;
 2. prefills waiting prompts into free slots, split as in JetStream: `_prefill` reads a group
    of prompts (several short ones together, or one long one in chunks of `prefill_chunk`
-   tokens), right-padded to power-of-two buckets of rows and width, into a cache of their
-   own; `_insert` copies those rows into their slots and samples their first tokens. A group
+   tokens), right-padded to a power-of-two count of rows and to a width bucket (quarter
+   octaves up to `prefill_chunk`, 8, 16, 24, 32, 48, 64, 96, ..., then powers of two: a
+   prefill's time goes with its padded tokens), into a cache of their own; `_insert` copies those rows into their slots and samples their first tokens. A group
    is padded by repeating its last row, whose copy then writes the same slot twice with the
    same values. At most `prefill_chunk` (padded) prompt tokens are read between two steps, so
    a long prompt does not stall the running requests;
@@ -191,6 +192,7 @@ class ContinuousEngine(BaseEngine):
                        f"{steps_per_dispatch}")
     self.steps_per_dispatch = steps_per_dispatch
     self.prefill_chunk = sampling.bucket(prefill_chunk, least=sampling.MIN_BUCKET)
+    self.widths = self._prompt_widths()
     self._stop_ids = jnp.asarray(sampler.stop_ids)
     self._stop_set = set(sampler.stop_ids.tolist())
     self._slots: list[_Row | None] = [None] * max_batch
@@ -223,16 +225,26 @@ class ContinuousEngine(BaseEngine):
   def active(self) -> int:
     return sum(row is not None for row in self._slots)
 
-  def group_shapes(self) -> list[tuple[int, int]]:
-    """Every (rows, width) of a prefill group `_next_group` can form: widths are the prompt
-    buckets up to cache_len; short groups hold up to bucket(max_batch) rows within the
-    budget, long ones a single row."""
+  def _prompt_widths(self) -> list[int]:
+    """The widths a prompt is padded to, up to cache_len: quarter octaves (a quarter of the
+    power of two above, 8 at least) up to prefill_chunk, then powers of two (read in
+    prefill_chunk chunks)."""
     widths, width = [], sampling.MIN_BUCKET
     while not widths or widths[-1] < self.cache_len:
+      octave = sampling.bucket(width + 1)
+      step = max(sampling.MIN_BUCKET, octave // 4) if width < self.prefill_chunk else width
+      width = widths[-1] + step if widths else width
       widths.append(min(width, self.cache_len))
-      width *= 2
+    return widths
+
+  def _width(self, row: _Row) -> int:
+    return next(w for w in self.widths if w >= len(row.prompt))
+
+  def group_shapes(self) -> list[tuple[int, int]]:
+    """Every (rows, width) of a prefill group `_next_group` can form: short groups hold up
+    to bucket(max_batch) rows within the budget, long ones a single row."""
     most = sampling.bucket(self.max_batch, least=1)
-    return [(rows, w) for w in widths for rows in (1 << i for i in range(most.bit_length()))
+    return [(rows, w) for w in self.widths for rows in (1 << i for i in range(most.bit_length()))
             if self._group_fits(rows, w, self.prefill_chunk)]
 
   def _group_fits(self, rows: int, width: int, budget: int) -> bool:
@@ -309,17 +321,18 @@ class ContinuousEngine(BaseEngine):
 
   def _next_group(self, budget: int) -> _Group | None:
     """The waiting rows to prefill together: one long prompt (read in chunks), or as many
-    short ones as there are free slots and the budget's rows x width hold."""
-    width = lambda row: min(sampling.bucket(len(row.prompt)), self.cache_len)
+    short ones of the first one's width as there are free slots and the budget's rows x
+    width hold (joining a wider group would cost a row its padding)."""
     rows, free = [], self._slots.count(None)
     while len(rows) < free and (row := self._next_row()) is not None:
-      grown = max(width(r) for r in (*rows, row))
-      if rows and not self._group_fits(len(rows) + 1, grown, budget):
+      width = self._width(row)
+      if rows and (width != self._width(rows[0])
+                   or not self._group_fits(len(rows) + 1, width, budget)):
         break
       rows.append(self._pending.popleft())
-      if grown > self.prefill_chunk:  # a long prompt goes alone
+      if width > self.prefill_chunk:  # a long prompt goes alone
         break
-    return _Group.of(rows, max(width(r) for r in rows)) if rows else None
+    return _Group.of(rows, self._width(rows[0])) if rows else None
 
   def _prefill_chunk(self, group: _Group) -> int:
     """Read the next chunk of the group's prompts into its cache; the padded tokens read."""
