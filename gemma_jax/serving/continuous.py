@@ -7,12 +7,13 @@ requests never recompiles. Between decode steps the worker thread:
 1. frees the slots of finished and cancelled requests;
 2. prefills waiting prompts into free slots, split as in JetStream: `_prefill` reads a group
    of prompts (several short ones together, or one long one in chunks of `prefill_chunk`
-   tokens), right-padded to a power-of-two count of rows and to a width bucket (quarter
-   octaves up to `prefill_chunk`, 8, 16, 24, 32, 48, 64, 96, ..., then powers of two: a
-   prefill's time goes with its padded tokens), into a cache of their own; `_insert` copies those rows into their slots and samples their first tokens. A group
-   is padded by repeating its last row, whose copy then writes the same slot twice with the
-   same values. At most `prefill_chunk` (padded) prompt tokens are read between two steps, so
-   a long prompt does not stall the running requests;
+   tokens), right-padded to a power-of-two count of rows and to a width (quarter octaves up
+   to `prefill_chunk`: 8, 16, 24, 32, 48, 64, 96, ...; then powers of two: a prefill's time
+   goes with its padded tokens, and a group holds prompts of one width), into a cache of
+   their own; `_insert` copies those rows into their slots and samples their first tokens. A
+   group is padded by repeating its last row, whose copy then writes the same slot twice
+   with the same values. At most `prefill_chunk` (padded) prompt tokens are read between
+   two steps, so a long prompt does not stall the running requests;
 3. runs `_generate`: up to `steps_per_dispatch` tokens for every slot in one device call
    (free slots masked; one step while a free slot could take a waiting prompt; the call ends
    once a slot finishes if requests wait), then streams each request's new text and checks
