@@ -230,12 +230,11 @@ class ContinuousEngine(BaseEngine):
     """The widths a prompt is padded to, up to cache_len: quarter octaves (a quarter of the
     power of two above, 8 at least) up to prefill_chunk, then powers of two (read in
     prefill_chunk chunks)."""
-    widths, width = [], sampling.MIN_BUCKET
-    while not widths or widths[-1] < self.cache_len:
-      octave = sampling.bucket(width + 1)
-      step = max(sampling.MIN_BUCKET, octave // 4) if width < self.prefill_chunk else width
-      width = widths[-1] + step if widths else width
-      widths.append(min(width, self.cache_len))
+    widths = [min(sampling.MIN_BUCKET, self.cache_len)]
+    while (last := widths[-1]) < self.cache_len:
+      step = (max(sampling.MIN_BUCKET, sampling.bucket(last + 1) // 4)
+              if last < self.prefill_chunk else last)
+      widths.append(min(last + step, self.cache_len))
     return widths
 
   def _width(self, row: _Row) -> int:
