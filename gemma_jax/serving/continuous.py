@@ -159,7 +159,7 @@ class _Row:
 @dataclasses.dataclass
 class _Group:
   """Rows being prefilled together, padded to a power-of-two count by repeating the last;
-  `width` is the group cache's length (a power-of-two bucket of the longest prompt)."""
+  `width` is the group cache's length (its prompts' width bucket)."""
 
   rows: list[_Row]
   padded: list[_Row]
