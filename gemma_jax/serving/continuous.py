@@ -323,16 +323,16 @@ class ContinuousEngine(BaseEngine):
     """The waiting rows to prefill together: one long prompt (read in chunks), or as many
     short ones of the first one's width as there are free slots and the budget's rows x
     width hold (joining a wider group would cost a row its padding)."""
-    rows, free = [], self._slots.count(None)
+    rows, free, width = [], self._slots.count(None), None
     while len(rows) < free and (row := self._next_row()) is not None:
-      width = self._width(row)
-      if rows and (width != self._width(rows[0])
+      if rows and (self._width(row) != width
                    or not self._group_fits(len(rows) + 1, width, budget)):
         break
       rows.append(self._pending.popleft())
+      width = self._width(row)
       if width > self.prefill_chunk:  # a long prompt goes alone
         break
-    return _Group.of(rows, self._width(rows[0])) if rows else None
+    return _Group.of(rows, width) if rows else None
 
   def _prefill_chunk(self, group: _Group) -> int:
     """Read the next chunk of the group's prompts into its cache; the padded tokens read."""
